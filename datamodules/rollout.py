@@ -1,0 +1,256 @@
+"""Rollout experience for on-policy training: the vector envs, their rollouts, and evaluation episodes.
+
+PPO's data is made by the policy being trained, so this datamodule differs from a dataset's in one
+way that matters: a batch must never be produced before the previous update has finished (Lightning
+fetches one batch ahead, and a worker process would roll out with a stale policy). The dataloader
+therefore yields only iteration tokens, the same number on every rank so DDP never hangs, and the
+module asks this datamodule for a fresh rollout inside ``training_step`` with ``collect(agent)``.
+
+Each DDP rank owns ``num_envs`` envs seeded ``seed + rank * num_envs + i``, so ranks see different
+levels; the module all-reduces gradients and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from innercritic.envs.factory import env_family, make_env
+
+# Evaluation levels come from a seed range training never draws from (training seeds are small).
+EVAL_SEED_OFFSET = 1_000_000_007
+
+
+class _Tokens(IterableDataset):
+    """``length`` iteration indices; a token, not data, so prefetching it is harmless."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __iter__(self):
+        return iter(range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass
+class Rollout:
+    """One rollout of ``num_steps`` x ``num_envs`` transitions, time-major, on the module's device."""
+
+    obs: torch.Tensor  # (T, N, C, H, W) uint8
+    actions: torch.Tensor  # (T, N) int64
+    logprobs: torch.Tensor  # (T, N)
+    values: torch.Tensor  # (T, N) critic value at obs
+    rewards: torch.Tensor  # (T, N); truncated steps already carry + gamma * V(final obs)
+    dones: torch.Tensor  # (T, N) 1.0 where the episode ended at this step (terminal or truncated)
+    next_value: torch.Tensor  # (N,) critic value of the obs after the last step
+    episodes: dict[str, np.ndarray] = field(default_factory=dict)  # per finished episode: return, length, success
+
+
+class EpisodeTracker:
+    """Accumulates per-env return and length and reports each episode as it finishes."""
+
+    def __init__(self, num_envs: int) -> None:
+        self.ret = np.zeros(num_envs, np.float64)
+        self.len = np.zeros(num_envs, np.int64)
+        self.top_right = np.zeros(num_envs, bool)
+        self.finished: dict[str, list[np.ndarray]] = {"return": [], "length": [], "success": [], "top_right": []}
+
+    def update(self, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, info: dict) -> None:
+        self.ret += reward
+        self.len += 1
+        if "at_top_right" in info:
+            self.top_right |= info["at_top_right"]
+        done = terminated | truncated
+        if done.any():
+            self.finished["return"].append(self.ret[done].copy())
+            self.finished["length"].append(self.len[done].copy())
+            self.finished["success"].append((terminated & (reward > 0))[done])
+            self.finished["top_right"].append(self.top_right[done].copy())
+            self.ret[done] = 0.0
+            self.len[done] = 0
+            self.top_right[done] = False
+
+    def pop(self) -> dict[str, np.ndarray]:
+        out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.finished.items()}
+        for v in self.finished.values():
+            v.clear()
+        return out
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Vector envs for PPO: rollouts on demand and evaluation on named env distributions.
+
+    Args:
+        env: env spec for ``innercritic.envs.make_env`` (``maze``, a MiniGrid id, ``ALE/<Game>-v5``).
+        env_kwargs: keyword arguments for the env (maze: size, cheese, obs_size, max_steps, num_levels).
+        num_envs: envs per rank stepped together.
+        num_steps: steps per env in one rollout (a rollout holds num_envs * num_steps transitions).
+        rollouts_per_epoch: rollouts per Lightning epoch; checkpoints and validation fall on epoch ends.
+        seed: base seed; env i of rank r is seeded seed + r * num_envs + i.
+        eval_episodes: episodes per evaluation distribution (per rank).
+        eval_dists: evaluation distributions, name -> env_kwargs overrides (maze default: the training
+            distribution and cheese ``anywhere``, where goal misgeneralisation shows).
+        eval_num_envs: envs stepped together during evaluation.
+    """
+
+    def __init__(
+        self,
+        env: str = "maze",
+        env_kwargs: dict[str, Any] | None = None,
+        num_envs: int = 64,
+        num_steps: int = 128,
+        rollouts_per_epoch: int = 10,
+        seed: int = 1,
+        eval_episodes: int = 200,
+        eval_dists: dict[str, dict[str, Any]] | None = None,
+        eval_num_envs: int = 100,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        env_family(env)  # fail on an unknown spec now, before anything is built
+        for name, value in (("num_envs", num_envs), ("num_steps", num_steps), ("rollouts_per_epoch", rollouts_per_epoch), ("eval_num_envs", eval_num_envs)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        self.env_spec = env
+        self.env_kwargs = dict(env_kwargs or {})
+        self.num_envs = num_envs
+        self.num_steps = num_steps
+        self.rollouts_per_epoch = rollouts_per_epoch
+        self.seed = seed
+        self.eval_episodes = eval_episodes
+        if eval_dists is None:
+            eval_dists = {"train_dist": {}, "heldout": {"cheese": "anywhere"}} if env == "maze" else {"train_dist": {}}
+        self.eval_dists = eval_dists
+        self.eval_num_envs = eval_num_envs
+        # A one-env probe gives the shapes the agent is built from; cheap, and it validates env_kwargs now.
+        probe = make_env(env, 1, seed=seed, **self.env_kwargs)
+        self.obs_shape = tuple(int(d) for d in probe.single_observation_space.shape)
+        self.num_actions = int(probe.single_action_space.n)
+        self.obs_high = float(probe.single_observation_space.high.max())
+        probe.close()
+        self.envs = None
+        self._obs: np.ndarray | None = None
+
+    @property
+    def env_info(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this env without the training config."""
+        return {"spec": self.env_spec, "kwargs": self.env_kwargs, "obs_shape": list(self.obs_shape), "num_actions": self.num_actions, "obs_high": self.obs_high}
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.envs is None:
+            rank_seed = self.seed + self.rank * self.num_envs
+            self.envs = make_env(self.env_spec, self.num_envs, seed=rank_seed, **self.env_kwargs)
+            self._obs, _ = self.envs.reset(seed=rank_seed)
+            self.tracker = EpisodeTracker(self.num_envs)
+
+    def teardown(self, stage: str) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Tokens(self.rollouts_per_epoch), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Tokens(1), batch_size=None)
+
+    def fingerprint(self) -> int:
+        """A checksum of this rank's current observations: differs between ranks that see different envs."""
+        return zlib.crc32(np.ascontiguousarray(self._obs).tobytes())
+
+    @torch.inference_mode()
+    def collect(self, agent: torch.nn.Module, gamma: float) -> Rollout:
+        """Step every env ``num_steps`` times with ``agent`` and return the rollout.
+
+        Truncated steps bootstrap: their reward gains ``gamma * V(final obs)``, so GAE can cut the
+        episode there like a terminal without teaching the critic that time limits end the world.
+        """
+        device = next(agent.parameters()).device
+        T, N = self.num_steps, self.num_envs
+        obs_buf = torch.empty((T, N, *self.obs_shape), dtype=torch.uint8, device=device)
+        actions = torch.empty((T, N), dtype=torch.int64, device=device)
+        logprobs = torch.empty((T, N), device=device)
+        values = torch.empty((T, N), device=device)
+        rewards = torch.empty((T, N), device=device)
+        dones = torch.empty((T, N), device=device)
+        obs = torch.from_numpy(self._obs).to(device)
+        for t in range(T):
+            obs_buf[t] = obs
+            logits, value = agent(obs)
+            dist = torch.distributions.Categorical(logits=logits)
+            action = dist.sample()
+            actions[t], logprobs[t], values[t] = action, dist.log_prob(action), value
+            next_obs, reward, terminated, truncated, info = self.envs.step(action.cpu().numpy())
+            self.tracker.update(reward, terminated, truncated, info)
+            reward_t = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            if truncated.any():
+                final = torch.from_numpy(info["final_obs"][truncated]).to(device)
+                reward_t[torch.from_numpy(truncated).to(device)] += gamma * agent(final)[1]
+            rewards[t] = reward_t
+            dones[t] = torch.from_numpy(terminated | truncated).to(device, torch.float32)
+            obs = torch.from_numpy(next_obs).to(device)
+        self._obs = next_obs
+        next_value = agent(obs)[1]
+        return Rollout(obs_buf, actions, logprobs, values, rewards, dones, next_value, self.tracker.pop())
+
+    @torch.inference_mode()
+    def evaluate(self, agent: torch.nn.Module, episodes: int | None = None) -> dict[str, dict[str, float]]:
+        """Run ``episodes`` episodes on each evaluation distribution with the sampled policy.
+
+        Every env counts exactly its first episode of a round, so short (successful) episodes are not
+        over-represented. Levels are seeded from a range training never uses, the same every epoch (so
+        curves compare like with like) and offset by rank (so ranks evaluate different levels).
+        """
+        episodes = self.eval_episodes if episodes is None else episodes
+        device = next(agent.parameters()).device
+        results = {}
+        for d, (name, overrides) in enumerate(self.eval_dists.items()):
+            n = min(self.eval_num_envs, episodes)
+            base = EVAL_SEED_OFFSET + 1_000_003 * d + self.rank * episodes
+            env = make_env(self.env_spec, n, seed=base, **{**self.env_kwargs, **overrides})
+            generator = torch.Generator(device=device).manual_seed(base)
+            rounds = []
+            for r in range(-(-episodes // n)):
+                obs, _ = env.reset(seed=base + r * n)
+                tracker = EpisodeTracker(n)
+                first = {k: np.zeros(n, np.float64) for k in tracker.finished}
+                pending = np.ones(n, bool)
+                while pending.any():
+                    logits, _ = agent(torch.from_numpy(obs).to(device))
+                    action = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+                    obs, reward, terminated, truncated, info = env.step(action.cpu().numpy())
+                    done = terminated | truncated
+                    tracker.update(reward, terminated, truncated, info)
+                    finished = tracker.pop()
+                    newly = done & pending
+                    if newly.any():
+                        # tracker reports finishers in env order; pick those still pending
+                        order = np.flatnonzero(done)
+                        keep = pending[order]
+                        for k in first:
+                            first[k][order[keep]] = finished[k][keep]
+                        pending &= ~done
+                rounds.append(first)
+            env.close()
+            merged = {k: np.concatenate([r[k] for r in rounds])[:episodes] for k in rounds[0]}
+            results[name] = {
+                "return": float(merged["return"].mean()),
+                "length": float(merged["length"].mean()),
+                "success": float(merged["success"].mean()),
+            }
+            if self.env_spec == "maze":
+                results[name]["p_cheese"] = results[name]["success"]
+                results[name]["p_top_right"] = float(merged["top_right"].mean())
+        return results

@@ -1,0 +1,300 @@
+"""Cached trajectories with activations, served to value probes as a LightningDataModule.
+
+The data are the episodes of an agent and of noisy versions of it (``innercritic.cache``): one
+collection per (agent, env, versions, hook points, discount, seeds), kept in ``cache_dir`` as
+memory-mapped ``.npy`` shards with a manifest (see ``innercritic/cache/format.py``).
+
+- ``prepare_data`` (Lightning runs it on one process per node) builds the cache when ``cache_dir``
+  holds none, resumes an interrupted one, reuses a complete one whose manifest matches the request,
+  and stops with an error naming the differing fields otherwise (``rebuild=True`` replaces it).
+- ``setup`` opens the cache (verifying every file's sha256), splits its episodes into train /
+  calibration / test from ``split_seed`` (episode ``u`` of every version goes to the same split: the
+  versions play the same levels), and computes the standardisation statistics of the served hook
+  point on the train split only.
+- Batches are dicts of tensors, one row per transition ``s_t -> s_{t+1}`` (a stored episode's final
+  state is served only as ``x_next``):
+
+      x, x_next      float32 (B, D)  raw activations of ``hook`` at s_t and s_{t+1}, flattened; the probe
+                                     standardises them with ``stats`` (kept raw here so the probe module
+                                     can store the statistics with its weights and apply them to live
+                                     activations when planning or steering)
+      reward         float32 (B,)    r_t
+      terminal       float32 (B,)    1.0 when the episode terminated right after action t (no bootstrap)
+      truncated      float32 (B,)    1.0 when it was cut by the time limit right after action t
+      ret            float32 (B,)    discounted return G_t with the cache's gamma
+      bootstrapped   float32 (B,)    1.0 when G_t contains the critic's value at a truncation
+      value          float32 (B,)    the agent's critic at s_t (a ceiling for probes)
+      version        int64 (B,)      index into ``version_names`` (0 = the first, by default the policy)
+      state_index    int64 (B,)      the cache row of s_t: stable, in [0, num_states); s_{t+1} is row + 1
+      episode, step  int64 (B,)      global episode id and time step t
+
+Run (the probe configs put this class under ``data:``)::
+
+    python train.py fit -c configs/probe/maze.yaml --data.agent_ckpt A.ckpt --data.cache_dir D
+
+builds the cache in D on first use. To collect without training a probe::
+
+    python -m datamodules.trajectories -c configs/probe/collect_maze.yaml --agent_ckpt A.ckpt --cache_dir D
+
+where ``collect_maze.yaml`` holds this class's arguments at its top level (no ``data:`` nesting).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from innercritic.agents.checkpoint import load_agent
+from innercritic.cache import (
+    ACTIVATION_DTYPES,
+    CacheMismatchError,
+    TrajectoryCache,
+    build_cache,
+    cache_status,
+    diff_requests,
+    file_sha256,
+    make_request,
+)
+from innercritic.cache.format import format_differences
+
+__all__ = ["TrajectoryDataModule", "TransitionDataset"]
+
+_STATS_CHUNK = 4096
+
+
+def _identity(batch: Any) -> Any:
+    """collate_fn: the dataset's ``__getitems__`` already returns a whole batch."""
+    return batch
+
+
+class TransitionDataset(Dataset):
+    """Transitions ``rows[i] -> rows[i] + 1`` of a cache, read a whole batch at a time.
+
+    ``__getitems__`` (which torch's DataLoader calls with a batch of indices when it exists) gathers
+    the batch with a handful of numpy fancy-indexing calls on the memory maps: no per-row Python.
+    """
+
+    def __init__(self, cache: TrajectoryCache, rows: np.ndarray, hook: str, columns: dict[str, np.ndarray]) -> None:
+        self.cache = cache
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.field = f"act.{hook}"
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = np.sort(self.rows[np.asarray(indices, dtype=np.int64)])  # sorted: sequential reads from the maps
+        x = self.cache.gather(self.field, rows)
+        x_next = self.cache.gather(self.field, rows + 1)
+        c = self.columns
+        f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+        i64 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        return {
+            "x": f32(x.reshape(len(rows), -1)),
+            "x_next": f32(x_next.reshape(len(rows), -1)),
+            "reward": f32(c["reward"][rows]),
+            "terminal": f32(c["terminal"][rows]),
+            "truncated": f32(c["truncated"][rows]),
+            "ret": f32(c["return"][rows]),
+            "bootstrapped": f32(c["bootstrapped"][rows]),
+            "value": f32(c["value"][rows]),
+            "version": i64(c["version"][rows]),
+            "state_index": i64(rows),
+            "episode": i64(c["episode"][rows]),
+            "step": i64(c["step"][rows]),
+        }
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """Trajectories of an agent and its noisy versions with activations, cached on disk, split by episode.
+
+    Exposed after ``setup``: ``stats`` ({"mean", "std"} float32 (D,) of ``hook`` over the train
+    split's states; std of a constant feature is 1), ``feature_dim`` (D), ``num_versions`` and
+    ``version_names``, ``num_states`` (rows of the cache: the range of ``state_index``), ``gamma``,
+    ``train_episodes`` / ``calib_episodes`` / ``test_episodes`` (sorted global episode ids) and
+    ``cache`` (the opened :class:`~innercritic.cache.TrajectoryCache`, for exact values and plots).
+    """
+
+    def __init__(
+        self,
+        agent_ckpt: str,  # PPO agent checkpoint (train.py fit output) whose policy is collected
+        cache_dir: str,  # folder of the trajectory cache; built there when it holds none
+        hook_points: list[str] | None = None,  # hook points whose activations are stored; None: the actor tower's
+        hook: str | None = None,  # the hook point batches serve (one of hook_points); None: the last of them
+        versions: tuple[str, ...] = ("policy", "eps:0.25", "eps:0.5"),  # policy versions: "policy", "eps:E", "temp:T", "eps:E,temp:T"
+        episodes_per_version: int = 200,  # episodes collected for each version
+        env_overrides: dict[str, Any] | None = None,  # merged into the checkpoint's env kwargs, e.g. {"cheese": "anywhere"}
+        gamma: float | None = None,  # discount of the stored returns; None: the checkpoint's
+        activation_dtype: str = "float32",  # storage dtype of the activations: "float32" or "float16"
+        split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),  # train / calibration / test shares of the episodes
+        split_seed: int = 0,  # seed of the episode split (and of the train shuffling)
+        collect_seed: int = 0,  # seed of the collection (levels and action sampling)
+        num_envs: int = 64,  # envs stepped together while collecting
+        episodes_per_shard: int = 128,  # episodes per cache shard (the unit of resuming and of memory use)
+        batch_size: int = 256,  # transitions per batch
+        num_workers: int = 0,  # DataLoader worker processes
+        rebuild: bool = False,  # replace a cache that does not match this request (or fails its checksums)
+        verify_checksums: bool = True,  # recompute every cache file's sha256 when opening it
+        progress: bool = True,  # show a progress bar while collecting
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # recorded with the probe's checkpoints and runs: which agent and data it saw
+        versions = [versions] if isinstance(versions, str) else list(versions)
+        fractions = tuple(float(f) for f in split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6) or fractions[0] == 0:
+            raise ValueError(f"data.split_fractions must be three non-negative shares (train, calibration, test) summing to 1 "
+                             f"with a non-empty train share, got {split_fractions}")
+        if activation_dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"data.activation_dtype must be one of {list(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+        for name, value in (("batch_size", batch_size), ("episodes_per_version", episodes_per_version)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        self.agent_ckpt = str(agent_ckpt)
+        self.cache_dir = Path(cache_dir)
+        self.split_fractions = fractions
+        self.split_seed = int(split_seed)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.rebuild = bool(rebuild)
+        self.verify_checksums = bool(verify_checksums)
+        self.progress = bool(progress)
+        # The agent is loaded now so that a typo in a hook point or a version fails before any training starts.
+        self.agent, self.env_info = load_agent(self.agent_ckpt)
+        self.request = make_request(
+            self.agent, self.env_info, versions=versions, episodes_per_version=episodes_per_version,
+            hook_points=hook_points, gamma=gamma, activation_dtype=activation_dtype, env_overrides=env_overrides,
+            seed=collect_seed, num_envs=num_envs, episodes_per_shard=episodes_per_shard)
+        self.hook_points: list[str] = list(self.request["hook_points"])
+        self.hook = self.hook_points[-1] if hook is None else hook
+        if self.hook not in self.hook_points:
+            raise ValueError(f"data.hook {self.hook!r} is not among the collected hook points {self.hook_points}")
+        self.version_names: list[str] = list(self.request["versions"])
+        self.gamma: float = float(self.request["gamma"])
+        self.feature_dim: int = int(math.prod(self.request["hook_shapes"][self.hook]))
+        self.cache: TrajectoryCache | None = None
+        self.stats: dict[str, torch.Tensor] | None = None
+        self.num_states: int | None = None
+        self.train_episodes = self.calib_episodes = self.test_episodes = None
+        self._datasets: dict[str, TransitionDataset] = {}
+
+    @property
+    def num_versions(self) -> int:
+        return len(self.version_names)
+
+    # ------------------------------------------------------------------ building and opening the cache
+    def prepare_data(self) -> None:
+        """Build the cache when missing (or resume it); reuse it when it matches; a clear error otherwise."""
+        source = {"agent_ckpt": self.agent_ckpt, "checkpoint_sha256": file_sha256(self.agent_ckpt)}
+        try:
+            build_cache(self.agent, self.request, self.cache_dir, rebuild=self.rebuild, progress=self.progress, source=source)
+        except CacheMismatchError as err:
+            raise CacheMismatchError(f"{err} (on the command line: --data.rebuild true)") from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return
+        if cache_status(self.cache_dir, self.request) != "complete":
+            if self.trainer is None:  # used outside a Trainer: nobody else will build it
+                self.prepare_data()
+            else:
+                raise RuntimeError(f"no complete trajectory cache at {str(self.cache_dir)!r}: prepare_data() did not run "
+                                   f"on this node (set prepare_data_per_node or share cache_dir)")
+        cache = TrajectoryCache(self.cache_dir, verify=self.verify_checksums)
+        diffs = diff_requests(cache.request, self.request)
+        if diffs:  # cache_status checked the same manifest; kept in case it changed in between
+            raise CacheMismatchError(format_differences(self.cache_dir, diffs))
+        self.cache = cache
+        self.num_states = cache.num_rows
+        columns = {k: cache.column(k) for k in ("reward", "terminal", "truncated", "return", "bootstrapped", "value",
+                                                 "version", "episode", "step", "last")}
+        self.train_episodes, self.calib_episodes, self.test_episodes = self.split_episodes()
+        splits = {"train": self.train_episodes, "calib": self.calib_episodes, "test": self.test_episodes}
+        transition = ~columns["last"]
+        for name, episodes in splits.items():
+            rows = np.flatnonzero(transition & np.isin(columns["episode"], episodes))
+            self._datasets[name] = TransitionDataset(cache, rows, self.hook, columns)
+        train_states = np.flatnonzero(np.isin(columns["episode"], self.train_episodes))
+        self.stats = self._standardisation(cache, train_states)
+
+    def split_episodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, calibration, test) global episode ids: a permutation of the episode indices from split_seed.
+
+        Episode ``u`` of every version lands in the same split (the versions play the same levels).
+        """
+        per_version = int(self.request["episodes_per_version"])
+        perm = np.random.default_rng(self.split_seed).permutation(per_version)
+        n_train = max(1, int(round(self.split_fractions[0] * per_version)))
+        n_calib = min(per_version - n_train, int(round(self.split_fractions[1] * per_version)))
+        parts = (perm[:n_train], perm[n_train:n_train + n_calib], perm[n_train + n_calib:])
+        offsets = np.arange(self.num_versions, dtype=np.int64) * per_version
+        return tuple(np.sort((offsets[:, None] + np.asarray(p, dtype=np.int64)[None, :]).reshape(-1)) for p in parts)
+
+    def _standardisation(self, cache: TrajectoryCache, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Mean and std per feature of the served hook over ``rows`` (float64 accumulation, Chan's merge)."""
+        field = f"act.{self.hook}"
+        count, mean, m2 = 0, np.zeros(self.feature_dim), np.zeros(self.feature_dim)
+        for start in range(0, len(rows), _STATS_CHUNK):
+            chunk = cache.gather(field, rows[start:start + _STATS_CHUNK]).reshape(-1, self.feature_dim).astype(np.float64)
+            n = len(chunk)
+            c_mean = chunk.mean(0)
+            c_m2 = ((chunk - c_mean) ** 2).sum(0)
+            delta = c_mean - mean
+            total = count + n
+            mean = mean + delta * n / total
+            m2 = m2 + c_m2 + delta**2 * count * n / total
+            count = total
+        std = np.sqrt(m2 / max(count, 1))
+        std[std < 1e-8] = 1.0  # a constant feature standardises to 0, not to nan
+        return {"mean": torch.from_numpy(mean.astype(np.float32)), "std": torch.from_numpy(std.astype(np.float32))}
+
+    # ------------------------------------------------------------------ dataloaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self._datasets:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        dataset = self._datasets[split]
+        generator = torch.Generator().manual_seed(self.split_seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, collate_fn=_identity,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The calibration split (unsupervised probes fit their scale and offset here)."""
+        return self._loader("calib", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """Cache rows of the transitions of ``split`` ("train", "calib" or "test")."""
+        return self._datasets[split].rows
+
+
+def main(args: list[str] | None = None) -> None:
+    """Collect (or check) a cache from the command line: the datamodule's arguments, no training."""
+    from jsonargparse import ArgumentParser, ActionConfigFile
+
+    parser = ArgumentParser(description="Build a trajectory cache (innercritic) without training a probe.")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML with TrajectoryDataModule's arguments at the top level")
+    parser.add_class_arguments(TrajectoryDataModule, nested_key=None)
+    kwargs = parser.parse_args(args).as_dict()
+    kwargs.pop("config", None)
+    dm = TrajectoryDataModule(**kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    print(f"{dm.cache}; train/calib/test episodes {len(dm.train_episodes)}/{len(dm.calib_episodes)}/{len(dm.test_episodes)}")
+
+
+if __name__ == "__main__":
+    main()

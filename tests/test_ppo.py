@@ -1,0 +1,203 @@
+"""PPO training end to end: configs, outputs on disk, resume, DDP, init_from and bad configurations.
+
+Runs go through ``train.py`` in a subprocess, as a user runs them, at a tiny size; what is checked is
+what they leave behind (checkpoints, metrics, summary.json, the offline W&B run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.rollout import RolloutDataModule
+from innercritic.agents import load_agent
+from lightning_modules.ppo import PPO, compute_gae
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--data.num_envs", "8", "--data.num_steps", "32", "--data.rollouts_per_epoch", "2",
+    "--data.eval_episodes", "4", "--data.eval_num_envs", "4", "--model.num_minibatches", "2",
+    "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+]
+# 5x5 mazes: episodes (at most 100 steps) finish inside a tiny run, so episode statistics exist.
+MAZE = ["-c", "configs/ppo/maze.yaml", "--data.env_kwargs", "{size: 5, cheese: top_right:3}"]
+
+
+def run_train(*args: str, root: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_MODE", None)  # the default (offline) is what is under test
+    cmd = [sys.executable, "train.py", "fit", *args, "--trainer.default_root_dir", str(root)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def maze_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("maze")
+    run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, root=root)
+    return root
+
+
+def test_gae_matches_hand_computation():
+    # One env, three steps, episode ends after step 1 (done[1] = 1): step 1 must not bootstrap.
+    rewards = torch.tensor([[0.0], [1.0], [0.5]])
+    values = torch.tensor([[0.2], [0.4], [0.3]])
+    dones = torch.tensor([[0.0], [1.0], [0.0]])
+    next_value = torch.tensor([0.6])
+    g, lam = 0.9, 0.8
+    d2 = 0.5 + g * 0.6 - 0.3
+    d1 = 1.0 - 0.4
+    d0 = 0.0 + g * 0.4 - 0.2
+    expected = torch.tensor([[d0 + g * lam * d1], [d1], [d2]])
+    adv, ret = compute_gae(rewards, values, dones, next_value, g, lam)
+    assert torch.allclose(adv, expected)
+    assert torch.allclose(ret, expected + values)
+
+
+def test_maze_run_leaves_checkpoint_metrics_summary_and_wandb(maze_run):
+    run = maze_run / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config.yaml").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("success_train_dist", "success_heldout", "p_cheese_heldout", "p_top_right_heldout", "mean_return", "env_steps", "wall_s"):
+        assert summary[key] is not None, key
+    assert summary["env_steps"] >= 2048
+    assert summary["config"]["data"]["env"] == "maze"
+    rows = read_metrics(run)
+    for key in ("train/episode_return", "train/episode_length", "train/success", "train/env_steps_per_s", "train/pg_loss",
+                "train/value_loss", "train/entropy", "train/approx_kl", "train/clipfrac", "train/explained_variance",
+                "val/heldout/p_cheese", "val/heldout/p_top_right", "val/train_dist/success"):
+        assert column(rows, key), f"{key} never logged"
+    steps = column(rows, "train/env_steps")
+    assert steps == sorted(steps) and steps[0] == 256  # one rollout of 8 envs x 32 steps per log line
+    wandb_runs = list((maze_run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
+
+
+def test_checkpoint_rebuilds_agent_and_env_without_the_config(maze_run):
+    agent, env = load_agent(maze_run / "version_0" / "checkpoints" / "last.ckpt")
+    assert env["spec"] == "maze" and env["kwargs"] == {"size": 5, "cheese": "top_right:3"} and env["gamma"] == 0.99
+    logits, value = agent(torch.zeros((2, *env["obs_shape"]), dtype=torch.uint8))
+    assert logits.shape == (2, env["num_actions"]) and value.shape == (2,)
+
+
+@pytest.mark.parametrize("config,extra", [
+    ("configs/ppo/minigrid_doorkey.yaml", ["--model.total_env_steps", "512"]),
+    ("configs/ppo/breakout.yaml", ["--model.total_env_steps", "512", "--data.env_kwargs", "{max_num_frames_per_episode: 400}"]),
+])
+def test_every_other_config_survives_a_tiny_run(tmp_path, config, extra):
+    run_train("-c", config, *extra, *TINY, root=tmp_path)
+    summary = json.loads((tmp_path / "version_0" / "summary.json").read_text())
+    assert summary["env_steps"] >= 512 and summary["mean_return"] is not None
+    assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_print_config_parses_every_config():
+    for config in sorted((ROOT / "configs" / "ppo").glob("*.yaml")):
+        result = subprocess.run([sys.executable, "train.py", "fit", "-c", str(config), "--print_config"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "class_path: lightning_modules.ppo.PPO" in result.stdout
+
+
+def test_killed_run_resumes_and_counters_continue(tmp_path):
+    # LightningCLI restores the model's hyperparameters from the checkpoint on --ckpt_path, so the
+    # resumed run keeps its original budget of 8192 env steps and finishes it.
+    total = "8192"
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "train.py", "fit", *MAZE, "--model.total_env_steps", total, *TINY,
+           "--trainer.default_root_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not last.exists() and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert last.exists(), "the run wrote no checkpoint before being killed"
+    assert not (tmp_path / "version_0" / "summary.json").exists(), "the run finished before it could be killed"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    saved_steps, saved_global = saved["innercritic"]["env_steps"], saved["global_step"]
+    assert 0 < saved_steps < int(total)
+
+    run_train(*MAZE, "--model.total_env_steps", "999", *TINY, "--ckpt_path", str(last), root=tmp_path)
+    resumed = tmp_path / "version_1"
+    steps = column(read_metrics(resumed), "train/env_steps")
+    assert steps[0] == saved_steps + 256, "env-step counter restarted instead of continuing"
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["env_steps"] == int(total)
+    final = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] > saved_global and final["epoch"] > saved["epoch"]
+
+
+def test_ddp_two_cpu_ranks_see_different_envs_and_only_rank0_writes(tmp_path):
+    run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, "--trainer.accelerator", "cpu",
+              "--trainer.devices", "2", "--trainer.strategy", "ddp", root=tmp_path, timeout=400)
+    summary = json.loads((tmp_path / "version_0" / "summary.json").read_text())
+    assert summary["config"]["trainer"]["world_size"] == 2
+    prints = summary["rank_fingerprints"]
+    assert len(prints) == 2 and prints[0] != prints[1], "both ranks stepped the same envs"
+    # one rollout = 8 envs x 32 steps on each of 2 ranks
+    assert column(read_metrics(tmp_path / "version_0"), "train/env_steps")[0] == 512
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["version_0", "wandb"]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data.env", "cartpole"], "unknown env spec 'cartpole'"),
+    (["--data.num_envs", "6", "--data.num_steps", "5", "--model.num_minibatches", "4"], "does not split into"),
+    (["--model.lr", "0"], "model.lr must be positive"),
+    (["--model.lr=-1e-3"], "model.lr must be positive"),
+])
+def test_bad_configuration_fails_before_training(tmp_path, args, message):
+    result = run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, *args, root=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_checkpoint_from_another_env_is_refused(tmp_path, maze_run):
+    ckpt = maze_run / "version_0" / "checkpoints" / "last.ckpt"
+    for flag in ("--model.init_from", "--ckpt_path"):
+        result = run_train("-c", "configs/ppo/minigrid_doorkey.yaml", "--model.total_env_steps", "512", *TINY, flag, str(ckpt),
+                           root=tmp_path / flag.strip("-"), check=False)
+        assert result.returncode != 0
+        assert "was trained on env 'maze'" in result.stderr and "'MiniGrid-DoorKey-5x5-v0'" in result.stderr
+        assert not list((tmp_path / flag.strip("-")).glob("**/*.ckpt"))
+
+
+def test_init_from_starts_from_the_checkpoint_weights(maze_run):
+    ckpt = maze_run / "version_0" / "checkpoints" / "last.ckpt"
+    source, _ = load_agent(ckpt)
+    module = PPO(arch="small", separate_critic=True, channels=(8, 16, 16), hidden=128, init_from=str(ckpt))
+    dm = RolloutDataModule(env="maze", env_kwargs={"size": 5, "cheese": "top_right:3"}, num_envs=4, num_steps=8)
+    trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=dm)
+    for (name, a), (_, b) in zip(module.agent.state_dict().items(), source.state_dict().items()):
+        assert torch.equal(a, b), name
+    fresh = PPO(arch="small", separate_critic=True, channels=(8, 16, 16), hidden=128)
+    L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(fresh, datamodule=dm)
+    assert not torch.equal(fresh.agent.policy_head.weight, source.policy_head.weight)
