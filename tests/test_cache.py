@@ -38,13 +38,7 @@ SETTINGS = dict(versions=["policy", "eps:1.0"], episodes_per_version=6, hook_poi
                 num_envs=2, episodes_per_shard=3, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny batches: a second thread only adds contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

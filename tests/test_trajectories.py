@@ -24,12 +24,7 @@ from lightning_modules.ppo import PPO
 HOOKS = ["encoder.block1.hook_out", "encoder.hook_fc", "encoder.hook_hidden"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
