@@ -1,0 +1,188 @@
+"""Closed-form ceilings and calibration on cached activations (numpy, float64).
+
+- :class:`Standardiser`: per-feature mean/std fitted on the training split only.
+- :func:`fit_ridge`: ridge regression on returns with an unpenalised intercept, the penalty picked
+  by R^2 on a calibration split.
+- :func:`fit_lstd`: LSTD(0), the closed-form TD fixed point of a linear value.
+- :func:`fit_affine`: least-squares scale and offset, to calibrate unsupervised probes (fitted on
+  the calibration split, never on test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from innercritic.probing.metrics import r2
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "LinearValue",
+    "Standardiser",
+    "fit_affine",
+    "fit_lstd",
+    "fit_ridge",
+]
+
+#: Log grid of ridge penalties 1e-4 .. 1e4.
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-4, 4, 9))
+
+_STD_FLOOR = 1e-8
+
+
+def _matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """Return ``x`` as a 2-d float64 array (a 1-d input is one feature)."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 1-d or 2-d, got shape {a.shape}")
+    return a
+
+
+def _vector(y: np.ndarray, n: int, name: str) -> np.ndarray:
+    """Return ``y`` as a flat float64 vector of length ``n``."""
+    v = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(v) != n:
+        raise ValueError(f"{name} has {len(v)} entries but x has {n} rows")
+    return v
+
+
+@dataclass(frozen=True)
+class Standardiser:
+    """Per-feature standardisation (x - mean) / std with std floored at 1e-8."""
+
+    mean: np.ndarray  # per-feature mean of the training split
+    std: np.ndarray  # per-feature std of the training split, floored at 1e-8
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardiser:
+        """Fit on the training split ``x`` of shape (n, d)."""
+        a = _matrix(x, "x")
+        if len(a) < 1:
+            raise ValueError("need at least 1 sample to fit a Standardiser")
+        return cls(mean=a.mean(axis=0), std=np.maximum(a.std(axis=0), _STD_FLOOR))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Standardise ``x`` (any split) with the training statistics."""
+        a = _matrix(x, "x")
+        if a.shape[1] != len(self.mean):
+            raise ValueError(
+                f"x has {a.shape[1]} features, Standardiser was fit on {len(self.mean)}"
+            )
+        return (a - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class LinearValue:
+    """A linear value v(x) = x . w + b."""
+
+    w: np.ndarray  # weights, shape (d,)
+    b: float  # intercept
+    alpha: float  # penalty it was fitted with
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Values of the rows of ``x`` (shape (n, d)) as a float64 vector."""
+        a = _matrix(x, "x")
+        if a.shape[1] != len(self.w):
+            raise ValueError(f"x has {a.shape[1]} features, the probe has {len(self.w)}")
+        return a @ self.w + self.b
+
+
+def _ridge_solve(xc: np.ndarray, yc: np.ndarray, alpha: float) -> np.ndarray:
+    """Ridge weights on centred data: primal when n >= d, dual when n < d."""
+    n, d = xc.shape
+    if n >= d:
+        return np.linalg.solve(xc.T @ xc + alpha * np.eye(d), xc.T @ yc)
+    return xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(n), yc)
+
+
+def fit_ridge(
+    x: np.ndarray,
+    y: np.ndarray,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    x_cal: np.ndarray | None = None,
+    y_cal: np.ndarray | None = None,
+) -> LinearValue:
+    """Ridge regression of ``y`` on ``x`` with an unpenalised intercept, in closed form.
+
+    The penalty is the alpha in ``alphas`` with the best R^2 on (``x_cal``, ``y_cal``) when a
+    calibration split is given (ties go to the smaller alpha), else the smallest alpha.
+    """
+    a = _matrix(x, "x")
+    t = _vector(y, len(a), "y")
+    if len(a) < 2:
+        raise ValueError(f"need at least 2 samples, got {len(a)}")
+    grid = sorted(float(al) for al in alphas)
+    if not grid or grid[0] < 0:
+        raise ValueError(f"alphas must be non-empty and non-negative, got {list(alphas)}")
+    if (x_cal is None) != (y_cal is None):
+        raise ValueError("give both x_cal and y_cal, or neither")
+
+    x_mean, y_mean = a.mean(axis=0), t.mean()
+    xc, yc = a - x_mean, t - y_mean
+
+    def fit(alpha: float) -> LinearValue:
+        w = _ridge_solve(xc, yc, alpha)
+        return LinearValue(w=w, b=float(y_mean - x_mean @ w), alpha=alpha)
+
+    if x_cal is None:
+        return fit(grid[0])
+    ac = _matrix(x_cal, "x_cal")
+    tc = _vector(y_cal, len(ac), "y_cal")
+    best, best_score = None, -np.inf
+    for alpha in grid:
+        probe = fit(alpha)
+        score = r2(probe.predict(ac), tc)
+        if best is None or score > best_score:
+            best, best_score = probe, score
+    assert best is not None
+    return best
+
+
+def fit_lstd(
+    x: np.ndarray,
+    x_next: np.ndarray,
+    reward: np.ndarray,
+    terminal: np.ndarray,
+    gamma: float,
+    alpha: float = 1e-6,
+) -> LinearValue:
+    """LSTD(0) with an intercept: the linear value whose TD error is orthogonal to the features.
+
+    With z = [x, 1] and z' = [x_next, 1]: A = Z^T (Z - gamma (1 - terminal) Z'), c = Z^T r,
+    [w, b] = solve(A + alpha I, c). ``terminal`` is 1 only at true terminations, so the value never
+    bootstraps through a terminal (x_next there is ignored); time-limit truncations must carry
+    terminal = 0 with the real next state's features in ``x_next``, so it bootstraps through them.
+    """
+    a = _matrix(x, "x")
+    an = _matrix(x_next, "x_next")
+    if an.shape != a.shape:
+        raise ValueError(f"x_next has shape {an.shape} but x has {a.shape}")
+    r = _vector(reward, len(a), "reward")
+    d = _vector(terminal, len(a), "terminal")
+    if len(a) < 2:
+        raise ValueError(f"need at least 2 samples, got {len(a)}")
+    ones = np.ones((len(a), 1))
+    z = np.hstack([a, ones])
+    zn = np.hstack([an, ones])
+    mat = z.T @ (z - gamma * (1.0 - d)[:, None] * zn)
+    sol = np.linalg.solve(mat + alpha * np.eye(z.shape[1]), z.T @ r)
+    return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
+
+
+def fit_affine(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """Least-squares (scale, offset) so that scale * pred + offset best matches ``target``.
+
+    A constant ``pred`` gets scale 0 and the target's mean as offset.
+    """
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    t = _vector(target, len(p), "target")
+    if len(p) < 2:
+        raise ValueError(f"need at least 2 samples, got {len(p)}")
+    pc = p - p.mean()
+    var = float(pc @ pc)
+    scale = 0.0 if var == 0.0 else float(pc @ (t - t.mean())) / var
+    return scale, float(t.mean() - scale * p.mean())
