@@ -25,9 +25,7 @@ a random policy plays long episodes (many truncated), the hardest case for colle
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from _report import machine, report
 from innercritic.agents import ActorCritic, load_agent, parse_version
 from innercritic.cache import TrajectoryCache, build_cache, make_request
 from innercritic.envs.factory import make_env
@@ -145,10 +144,8 @@ def main() -> None:
                                args.breakout_episodes, args.breakout_envs, episodes_per_shard=8,
                                repeats=args.repeats, where=args.dir))
     figures["torch_threads"] = torch.get_num_threads()
-    figures["machine"] = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpu".strip()
-    for key, value in figures.items():
-        print(f"{key:>28}: {value:,.2f}" if isinstance(value, float) else f"{key:>28}: {value}")
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+    figures["machine"] = machine()
+    report(figures)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ on SimpleCrossingS9N1 (a 9x9 grid with walls, the closest MiniGrid has to a 9x9 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import numpy as np
 
+from _report import machine, report
 from innercritic.envs.factory import make_env
 
 
@@ -49,10 +48,8 @@ def main() -> None:
         "minigrid_sps": steps_per_second("MiniGrid-SimpleCrossingS9N1-v0", 64, args.seconds),
     }
     figures["ratio_b1024_vs_minigrid"] = figures["maze_sps_b1024"] / figures["minigrid_sps"]
-    figures["machine"] = f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cpu".strip()
-    for k, v in figures.items():
-        print(f"{k:>26}: {v:,.1f}" if isinstance(v, float) else f"{k:>26}: {v}")
-    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}))
+    figures["machine"] = machine()
+    report(figures, digits=1)
 
 
 if __name__ == "__main__":

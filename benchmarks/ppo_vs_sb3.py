@@ -68,12 +68,13 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ppo" / "maze.yaml"
@@ -115,18 +116,6 @@ def warmup_rollouts(data: dict) -> int:
     size = kwargs.get("size", 9)
     limit = kwargs.get("max_steps") or 4 * max(size if isinstance(size, (list, tuple)) else [size]) ** 2
     return -(-limit // data["num_steps"]) - 1
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cpu, {platform.system()} {platform.release()}, python {platform.python_version()}"
 
 
 # ----------------------------------------------------------------------------------------- ours

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from innercritic.agents.noisy import PolicyVersion
 from innercritic.envs.factory import env_family, make_env
 
 # Evaluation levels come from a seed range training never draws from (training seeds are small).
 EVAL_SEED_OFFSET = 1_000_000_007
+POLICY = PolicyVersion("policy")  # evaluation samples the policy itself (no noise)
 
 
 class _Tokens(IterableDataset):
@@ -229,13 +231,12 @@ class RolloutDataModule(L.LightningDataModule):
                 pending = np.ones(n, bool)
                 while pending.any():
                     logits, _ = agent(torch.from_numpy(obs).to(device))
-                    action = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+                    action = POLICY.sample(logits, generator)
                     obs, reward, terminated, truncated, info = env.step(action.cpu().numpy())
                     done = terminated | truncated
                     tracker.update(reward, terminated, truncated, info)
                     finished = tracker.pop()
-                    newly = done & pending
-                    if newly.any():
+                    if (done & pending).any():
                         # tracker reports finishers in env order; pick those still pending
                         order = np.flatnonzero(done)
                         keep = pending[order]

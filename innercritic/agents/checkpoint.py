@@ -47,7 +47,7 @@ def load_agent(path: str | Path) -> tuple[ActorCritic, dict[str, Any]]:
 def check_env_compatible(stored: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Raise a one-line error when an agent built for ``stored`` cannot act in ``current``."""
     for key in ("spec", "obs_shape", "num_actions"):
-        if list(_as_list(stored.get(key))) != list(_as_list(current.get(key))):
+        if _as_list(stored.get(key)) != _as_list(current.get(key)):
             raise ValueError(
                 f"{what} was trained on env {stored.get('spec')!r} (obs {stored.get('obs_shape')}, {stored.get('num_actions')} actions) "
                 f"but this run uses {current.get('spec')!r} (obs {current.get('obs_shape')}, {current.get('num_actions')} actions)")

@@ -71,8 +71,6 @@ def make_env(spec: str, num_envs: int = 1, seed: int | None = None, **kwargs: An
         env = _make_minigrid(spec, num_envs, **kwargs)
     else:
         env = _make_atari(spec, num_envs, **kwargs)
-    env.spec_string = spec  # type: ignore[attr-defined]
-    env.spec_kwargs = dict(kwargs)  # type: ignore[attr-defined]
     if seed is not None and family != "maze":
         env.reset(seed=seed)
     return env

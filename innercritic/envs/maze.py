@@ -451,7 +451,7 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
 
     def _load_level(self, i: int, level_seed: int) -> None:
         """Start a fresh episode in env i on level ``level_seed``."""
-        S, SS = self.obs_size, self._SS
+        SS = self._SS
         n = _size_of(level_seed, self._sizes)
         frame, moves, start, cheese, top_right = self._prepared(level_seed, n, self._mode)
         base = i * SS
