@@ -14,10 +14,11 @@ memory-mapped ``.npy`` shards with a manifest (see ``innercritic/cache/format.py
 - Batches are dicts of tensors, one row per transition ``s_t -> s_{t+1}`` (a stored episode's final
   state is served only as ``x_next``):
 
-      x, x_next      float32 (B, D)  raw activations of ``hook`` at s_t and s_{t+1}, flattened; the probe
-                                     standardises them with ``stats`` (kept raw here so the probe module
-                                     can store the statistics with its weights and apply them to live
-                                     activations when planning or steering)
+      x, x_next      {hook: float32 (B, D_hook)}  raw activations of each served hook point at s_t and
+                                     s_{t+1}, flattened; the probe standardises them with ``stats``
+                                     (kept raw here so the probe module can store the statistics with
+                                     its weights and apply them to live activations when planning or
+                                     steering)
       reward         float32 (B,)    r_t
       terminal       float32 (B,)    1.0 when the episode terminated right after action t (no bootstrap)
       truncated      float32 (B,)    1.0 when it was cut by the time limit right after action t
@@ -62,6 +63,7 @@ from innercritic.cache import (
     make_request,
 )
 from innercritic.cache.format import format_differences
+from innercritic.probing.evaluate import Split, maze_exact_values
 
 __all__ = ["TrajectoryDataModule", "TransitionDataset"]
 
@@ -80,10 +82,10 @@ class TransitionDataset(Dataset):
     the batch with a handful of numpy fancy-indexing calls on the memory maps: no per-row Python.
     """
 
-    def __init__(self, cache: TrajectoryCache, rows: np.ndarray, hook: str, columns: dict[str, np.ndarray]) -> None:
+    def __init__(self, cache: TrajectoryCache, rows: np.ndarray, hooks: list[str], columns: dict[str, np.ndarray]) -> None:
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.field = f"act.{hook}"
+        self.hooks = list(hooks)
         self.columns = columns
 
     def __len__(self) -> int:
@@ -91,14 +93,13 @@ class TransitionDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = np.sort(self.rows[np.asarray(indices, dtype=np.int64)])  # sorted: sequential reads from the maps
-        x = self.cache.gather(self.field, rows)
-        x_next = self.cache.gather(self.field, rows + 1)
         c = self.columns
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         i64 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        acts = lambda r: {h: f32(self.cache.gather(f"act.{h}", r).reshape(len(r), -1)) for h in self.hooks}  # noqa: E731
         return {
-            "x": f32(x.reshape(len(rows), -1)),
-            "x_next": f32(x_next.reshape(len(rows), -1)),
+            "x": acts(rows),
+            "x_next": acts(rows + 1),
             "reward": f32(c["reward"][rows]),
             "terminal": f32(c["terminal"][rows]),
             "truncated": f32(c["truncated"][rows]),
@@ -111,15 +112,16 @@ class TransitionDataset(Dataset):
             "step": i64(c["step"][rows]),
         }
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        one = lambda v: {h: a[0] for h, a in v.items()} if isinstance(v, dict) else v[0]  # noqa: E731
+        return {k: one(v) for k, v in self.__getitems__([index]).items()}
 
 
 class TrajectoryDataModule(L.LightningDataModule):
     """Trajectories of an agent and its noisy versions with activations, cached on disk, split by episode.
 
-    Exposed after ``setup``: ``stats`` ({"mean", "std"} float32 (D,) of ``hook`` over the train
-    split's states; std of a constant feature is 1), ``feature_dim`` (D), ``num_versions`` and
+    Exposed after ``setup``: ``stats`` ({hook: {"mean", "std"}} float32 (D_hook,) over the train
+    split's states; std of a constant feature is 1), ``feature_dims`` ({hook: D_hook}), ``num_versions`` and
     ``version_names``, ``num_states`` (rows of the cache: the range of ``state_index``), ``gamma``,
     ``train_episodes`` / ``calib_episodes`` / ``test_episodes`` (sorted global episode ids) and
     ``cache`` (the opened :class:`~innercritic.cache.TrajectoryCache`, for exact values and plots).
@@ -130,7 +132,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         agent_ckpt: str,  # PPO agent checkpoint (train.py fit output) whose policy is collected
         cache_dir: str,  # folder of the trajectory cache; built there when it holds none
         hook_points: list[str] | None = None,  # hook points whose activations are stored; None: the actor tower's
-        hook: str | None = None,  # the hook point batches serve (one of hook_points); None: the last of them
+        hooks: list[str] | None = None,  # hook points the batches serve (a subset of hook_points); None: all of them
         versions: tuple[str, ...] = ("policy", "eps:0.25", "eps:0.5"),  # policy versions: "policy", "eps:E", "temp:T", "eps:E,temp:T"
         episodes_per_version: int = 200,  # episodes collected for each version
         env_overrides: dict[str, Any] | None = None,  # merged into the checkpoint's env kwargs, e.g. {"cheese": "anywhere"}
@@ -175,17 +177,21 @@ class TrajectoryDataModule(L.LightningDataModule):
             hook_points=hook_points, gamma=gamma, activation_dtype=activation_dtype, env_overrides=env_overrides,
             seed=collect_seed, num_envs=num_envs, episodes_per_shard=episodes_per_shard)
         self.hook_points: list[str] = list(self.request["hook_points"])
-        self.hook = self.hook_points[-1] if hook is None else hook
-        if self.hook not in self.hook_points:
-            raise ValueError(f"data.hook {self.hook!r} is not among the collected hook points {self.hook_points}")
+        hooks = [hooks] if isinstance(hooks, str) else hooks
+        self.hooks: list[str] = list(self.hook_points if hooks is None else hooks)
+        missing = [h for h in self.hooks if h not in self.hook_points]
+        if missing or not self.hooks:
+            raise ValueError(f"data.hooks {missing or self.hooks} must be a non-empty subset of the collected hook points {self.hook_points}")
         self.version_names: list[str] = list(self.request["versions"])
         self.gamma: float = float(self.request["gamma"])
-        self.feature_dim: int = int(math.prod(self.request["hook_shapes"][self.hook]))
+        self.feature_dims: dict[str, int] = {h: int(math.prod(self.request["hook_shapes"][h])) for h in self.hooks}
         self.cache: TrajectoryCache | None = None
-        self.stats: dict[str, torch.Tensor] | None = None
+        self.stats: dict[str, dict[str, torch.Tensor]] | None = None
         self.num_states: int | None = None
         self.train_episodes = self.calib_episodes = self.test_episodes = None
         self._datasets: dict[str, TransitionDataset] = {}
+        self._columns: dict[str, np.ndarray] = {}
+        self._exact: np.ndarray | None = None
 
     @property
     def num_versions(self) -> int:
@@ -217,14 +223,15 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.num_states = cache.num_rows
         columns = {k: cache.column(k) for k in ("reward", "terminal", "truncated", "return", "bootstrapped", "value",
                                                  "version", "episode", "step", "last")}
+        self._columns = columns
         self.train_episodes, self.calib_episodes, self.test_episodes = self.split_episodes()
         splits = {"train": self.train_episodes, "calib": self.calib_episodes, "test": self.test_episodes}
         transition = ~columns["last"]
         for name, episodes in splits.items():
             rows = np.flatnonzero(transition & np.isin(columns["episode"], episodes))
-            self._datasets[name] = TransitionDataset(cache, rows, self.hook, columns)
+            self._datasets[name] = TransitionDataset(cache, rows, self.hooks, columns)
         train_states = np.flatnonzero(np.isin(columns["episode"], self.train_episodes))
-        self.stats = self._standardisation(cache, train_states)
+        self.stats = {h: self._standardisation(cache, h, train_states) for h in self.hooks}
 
     def split_episodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(train, calibration, test) global episode ids: a permutation of the episode indices from split_seed.
@@ -239,12 +246,12 @@ class TrajectoryDataModule(L.LightningDataModule):
         offsets = np.arange(self.num_versions, dtype=np.int64) * per_version
         return tuple(np.sort((offsets[:, None] + np.asarray(p, dtype=np.int64)[None, :]).reshape(-1)) for p in parts)
 
-    def _standardisation(self, cache: TrajectoryCache, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Mean and std per feature of the served hook over ``rows`` (float64 accumulation, Chan's merge)."""
-        field = f"act.{self.hook}"
-        count, mean, m2 = 0, np.zeros(self.feature_dim), np.zeros(self.feature_dim)
+    def _standardisation(self, cache: TrajectoryCache, hook: str, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Mean and std per feature of one hook point over ``rows`` (float64 accumulation, Chan's merge)."""
+        field, dim = f"act.{hook}", self.feature_dims[hook]
+        count, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
         for start in range(0, len(rows), _STATS_CHUNK):
-            chunk = cache.gather(field, rows[start:start + _STATS_CHUNK]).reshape(-1, self.feature_dim).astype(np.float64)
+            chunk = cache.gather(field, rows[start:start + _STATS_CHUNK]).reshape(-1, dim).astype(np.float64)
             n = len(chunk)
             c_mean = chunk.mean(0)
             c_m2 = ((chunk - c_mean) ** 2).sum(0)
@@ -279,6 +286,38 @@ class TrajectoryDataModule(L.LightningDataModule):
     def split_rows(self, split: str) -> np.ndarray:
         """Cache rows of the transitions of ``split`` ("train", "calib" or "test")."""
         return self._datasets[split].rows
+
+    @property
+    def is_maze(self) -> bool:
+        return self.request["env"]["spec"] == "maze"
+
+    def exact_values(self) -> np.ndarray | None:
+        """Exact value of each cache row's state under its policy version (maze only; else None), computed once."""
+        if not self.is_maze:
+            return None
+        if self._exact is None:
+            c = self.cache
+            self._exact = maze_exact_values(c.column("obs"), c.column("episode"), c.column("version"), self.version_names,
+                                            self.agent, self.gamma)
+        return self._exact
+
+    def split_arrays(self, split: str) -> Split:
+        """Every transition of ``split`` in memory, activations standardised with the train statistics."""
+        rows = self.split_rows(split)
+        n, c = len(rows), self.cache
+        x, x_next = {}, {}
+        for h in self.hooks:
+            mean, std = self.stats[h]["mean"].numpy(), self.stats[h]["std"].numpy()
+            x[h] = (c.gather(f"act.{h}", rows).reshape(n, -1) - mean) / std
+            x_next[h] = (c.gather(f"act.{h}", rows + 1).reshape(n, -1) - mean) / std
+        col = lambda name, r=rows: np.asarray(self._columns[name][r])  # noqa: E731
+        exact = self.exact_values()
+        return Split(
+            x=x, x_next=x_next, reward=col("reward"), terminal=col("terminal").astype(np.float32), ret=col("return"),
+            value=col("value"), value_next=col("value", rows + 1), version=col("version").astype(np.int64),
+            step=col("step").astype(np.int64), episode=col("episode").astype(np.int64),
+            exact=None if exact is None else exact[rows],
+            obs=c.gather("obs", rows).reshape(n, -1), obs_next=c.gather("obs", rows + 1).reshape(n, -1))
 
 
 def main(args: list[str] | None = None) -> None:

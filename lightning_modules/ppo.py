@@ -55,6 +55,7 @@ class PPO(L.LightningModule):
         separate_critic: give the critic its own tower, so the policy network contains no critic.
         channels: conv channels per layer/stage (None: the architecture's default).
         hidden: width of the last fully connected layer (None: the architecture's default).
+        agent_channel: ``small`` only: also feed the features at the square this obs channel marks (maze mouse: 1).
         total_env_steps: env steps (all ranks together) to train for; also the learning-rate schedule's length.
         lr: Adam learning rate at the start.
         anneal_lr: decay the learning rate linearly to 0 over ``total_env_steps``.
@@ -78,6 +79,7 @@ class PPO(L.LightningModule):
         separate_critic: bool = True,
         channels: tuple[int, ...] | None = None,
         hidden: int | None = None,
+        agent_channel: int | None = None,
         total_env_steps: int = 1_000_000,
         lr: float = 5e-4,
         anneal_lr: bool = True,
@@ -126,13 +128,13 @@ class PPO(L.LightningModule):
             self.agent = ActorCritic(
                 obs_shape=tuple(dm.obs_shape), num_actions=dm.num_actions, arch=self.hparams.arch,
                 separate_critic=self.hparams.separate_critic, obs_scale=1.0 / dm.obs_high,
-                channels=self.hparams.channels, hidden=self.hparams.hidden)
+                channels=self.hparams.channels, hidden=self.hparams.hidden, agent_channel=self.hparams.agent_channel)
             if self.hparams.init_from:
                 source, source_env = load_agent(self.hparams.init_from)
                 check_env_compatible(source_env, dm.env_info, f"init_from checkpoint {self.hparams.init_from}")
                 if source.config != self.agent.config:
                     raise ValueError(f"init_from checkpoint {self.hparams.init_from} holds a {source.config} agent, "
-                                     f"but this run builds {self.agent.config}; match arch/channels/hidden/separate_critic")
+                                     f"but this run builds {self.agent.config}; match arch/channels/hidden/separate_critic/agent_channel")
                 self.agent.load_state_dict(source.state_dict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

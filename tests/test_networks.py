@@ -191,8 +191,27 @@ def test_config_round_trip():
     assert rebuilt.config == model.config
     assert config == {
         "obs_shape": [3, 9, 9], "num_actions": NUM_ACTIONS, "arch": "impala", "separate_critic": True,
-        "obs_scale": 0.5, "channels": [8, 16], "hidden": 64,
+        "obs_scale": 0.5, "channels": [8, 16], "hidden": 64, "agent_channel": None,
     }
+
+
+def test_agent_channel_reads_the_last_conv_output_at_the_marked_square():
+    model = ActorCritic((3, 9, 9), NUM_ACTIONS, arch="small", channels=(4, 6), hidden=8, agent_channel=1)
+    obs = torch.zeros(3, 3, 9, 9, dtype=torch.uint8)
+    squares = [(8, 0), (0, 8), (4, 5)]
+    for i, (r, c) in enumerate(squares):
+        obs[i, 1, r, c] = 1
+        obs[i, 0, (r + 1) % 9, c] = 1
+    _, cache = model.run_with_cache(obs, names=["encoder.block1.hook_out", "encoder.hook_agent"])
+    for i, (r, c) in enumerate(squares):
+        assert torch.equal(cache["encoder.hook_agent"][i], cache["encoder.block1.hook_out"][i, :, r, c])
+    assert model.encoder.fc.in_features == 6 * 81 + 6, "the flattened map and the agent's features side by side"
+    assert model.representation_hook_names() == ["encoder.block0.hook_out", "encoder.block1.hook_out",
+                                                 "encoder.hook_agent", "encoder.hook_hidden"]
+    with pytest.raises(ValueError, match="agent_channel needs arch 'small'"):
+        ActorCritic((3, 9, 9), NUM_ACTIONS, arch="impala", agent_channel=1)
+    with pytest.raises(ValueError, match="agent_channel must index one of the 3 observation channels, got 3"):
+        ActorCritic((3, 9, 9), NUM_ACTIONS, arch="small", agent_channel=3)
 
 
 def test_orthogonal_init_as_cleanrl():

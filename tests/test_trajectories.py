@@ -1,7 +1,6 @@
 """TrajectoryDataModule: builds / reuses / refuses the cache, splits by episode, serves whole batches.
 
-The agent checkpoint is a real one: ``PPO.on_save_checkpoint`` writes its ``innercritic`` metadata
-into the dict Lightning would save (the PPO module's state_dict), without running a Trainer.
+The agent checkpoint is a real one (``tests.conftest.write_agent_checkpoint``).
 """
 
 from __future__ import annotations
@@ -15,11 +14,9 @@ import pytest
 import torch
 
 import innercritic.cache.collect as collect_mod
-from datamodules.rollout import RolloutDataModule
 from datamodules.trajectories import TrajectoryDataModule, main
-from innercritic.agents import ActorCritic
 from innercritic.cache import CacheMismatchError, TrajectoryCache
-from lightning_modules.ppo import PPO
+from helpers import write_agent_checkpoint
 
 HOOKS = ["encoder.block1.hook_out", "encoder.hook_fc", "encoder.hook_hidden"]
 
@@ -29,21 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def agent_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    module = PPO(arch="small", separate_critic=True, channels=(4, 8), hidden=16, gamma=0.95)
-    rollout = RolloutDataModule(env="maze", env_kwargs={"size": 5, "max_steps": 12}, num_envs=2, num_steps=4)
-    module.env_info = rollout.env_info
-    module.agent = ActorCritic(obs_shape=rollout.obs_shape, num_actions=rollout.num_actions, arch="small", separate_critic=True,
-                               obs_scale=1.0 / rollout.obs_high, channels=(4, 8), hidden=16)
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    path = tmp_path_factory.mktemp("agent") / "agent.ckpt"
-    torch.save(checkpoint, path)
-    return str(path)
+    return write_agent_checkpoint(tmp_path_factory.mktemp("agent") / "agent.ckpt")
 
 
 def make_dm(agent_ckpt: str, cache_dir: Path, **overrides) -> TrajectoryDataModule:
-    args = dict(hook_points=HOOKS, hook="encoder.hook_fc", versions=["policy", "eps:0.5"], episodes_per_version=10,
+    args = dict(hook_points=HOOKS, hooks=["encoder.hook_fc"], versions=["policy", "eps:0.5"], episodes_per_version=10,
                 split_fractions=(0.6, 0.2, 0.2), split_seed=7, num_envs=3, episodes_per_shard=5, batch_size=8, progress=False)
     return TrajectoryDataModule(agent_ckpt, str(cache_dir), **{**args, **overrides})
 
@@ -62,7 +49,7 @@ def test_prepare_data_builds_the_cache_described_by_the_arguments(dm):
     assert cache.gamma == 0.95, "gamma=None takes the checkpoint's discount"
     assert cache.request["env"]["kwargs"] == {"size": 5, "max_steps": 12}
     assert cache.num_episodes == 20 and dm.num_states == cache.num_rows
-    assert dm.num_versions == 2 and dm.feature_dim == 16 and dm.gamma == 0.95
+    assert dm.num_versions == 2 and dm.feature_dims == {"encoder.hook_fc": 16} and dm.gamma == 0.95
     assert cache.manifest["source"]["agent_ckpt"] == dm.agent_ckpt
 
 
@@ -94,9 +81,11 @@ def test_batches_carry_what_every_probe_loss_needs(dm):
     for batch in dm.train_dataloader():
         rows = batch["state_index"].numpy()
         seen.extend(rows.tolist())
-        assert batch["x"].dtype == torch.float32 and batch["x"].shape == (len(rows), dm.feature_dim)
-        assert np.array_equal(batch["x"].numpy(), act[rows])
-        assert np.array_equal(batch["x_next"].numpy(), act[rows + 1])
+        x, x_next = batch["x"]["encoder.hook_fc"], batch["x_next"]["encoder.hook_fc"]
+        assert list(batch["x"]) == ["encoder.hook_fc"], "only the requested hook points are served"
+        assert x.dtype == torch.float32 and x.shape == (len(rows), 16)
+        assert np.array_equal(x.numpy(), act[rows])
+        assert np.array_equal(x_next.numpy(), act[rows + 1])
         assert np.array_equal(cache.column("episode")[rows + 1], batch["episode"].numpy()), "s' is in the same episode"
         assert np.array_equal(cache.column("step")[rows + 1], batch["step"].numpy() + 1)
         for key, field in (("reward", "reward"), ("terminal", "terminal"), ("truncated", "truncated"), ("ret", "return"),
@@ -120,8 +109,9 @@ def test_standardisation_statistics_come_from_the_train_split_only(dm):
     x = cache.column("act.encoder.hook_fc")[rows].astype(np.float64)
     std = x.std(0)
     std[std < 1e-8] = 1.0
-    assert torch.allclose(dm.stats["mean"], torch.from_numpy(x.mean(0)).float(), atol=1e-6)
-    assert torch.allclose(dm.stats["std"], torch.from_numpy(std).float(), atol=1e-6)
+    stats = dm.stats["encoder.hook_fc"]
+    assert torch.allclose(stats["mean"], torch.from_numpy(x.mean(0)).float(), atol=1e-6)
+    assert torch.allclose(stats["std"], torch.from_numpy(std).float(), atol=1e-6)
     everything = cache.column("act.encoder.hook_fc").astype(np.float64)
     assert not np.allclose(everything.mean(0), x.mean(0), atol=1e-7), "statistics over all splits would differ"
 
@@ -137,7 +127,7 @@ def test_a_matching_cache_is_reused_and_a_mismatch_is_an_error_or_a_rebuild(dm, 
     make_dm(agent_ckpt, path, episodes_per_version=4, episodes_per_shard=4).prepare_data()
     assert len(calls) == 2, "a matching cache is reused, not collected again"
     other = make_dm(agent_ckpt, path, episodes_per_version=4, episodes_per_shard=4, gamma=0.5,
-                    hook_points=["encoder.hook_hidden"], hook=None)
+                    hook_points=["encoder.hook_hidden"], hooks=None)
     with pytest.raises(CacheMismatchError) as err:
         other.prepare_data()
     for part in ("hook_points", "gamma 0.95", "gamma 0.5", "encoder.hook_hidden", "--data.rebuild true"):
@@ -145,18 +135,18 @@ def test_a_matching_cache_is_reused_and_a_mismatch_is_an_error_or_a_rebuild(dm, 
     with pytest.raises(CacheMismatchError):
         other.setup("fit")
     rebuilt = make_dm(agent_ckpt, path, episodes_per_version=4, episodes_per_shard=4, gamma=0.5,
-                      hook_points=["encoder.hook_hidden"], hook=None, rebuild=True)
+                      hook_points=["encoder.hook_hidden"], hooks=None, rebuild=True)
     rebuilt.prepare_data()
     rebuilt.setup("fit")
     assert len(calls) == 4 and rebuilt.cache.gamma == 0.5 and rebuilt.cache.hook_points == ["encoder.hook_hidden"]
-    assert rebuilt.hook == "encoder.hook_hidden", "hook defaults to the last hook point"
+    assert rebuilt.hooks == ["encoder.hook_hidden"], "hooks default to every collected hook point"
 
 
 def test_bad_arguments_are_clear_errors(agent_ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"unknown hook point\(s\) \['encoder.hook_fcc'\]; this agent's hook points are: .*encoder\.hook_fc,"):
-        make_dm(agent_ckpt, tmp_path, hook_points=["encoder.hook_fcc"], hook=None)
-    with pytest.raises(ValueError, match="data.hook 'encoder.hook_flat' is not among the collected hook points"):
-        make_dm(agent_ckpt, tmp_path, hook="encoder.hook_flat")
+        make_dm(agent_ckpt, tmp_path, hook_points=["encoder.hook_fcc"], hooks=None)
+    with pytest.raises(ValueError, match=r"data.hooks \['encoder.hook_flat'\] must be a non-empty subset of the collected hook points"):
+        make_dm(agent_ckpt, tmp_path, hooks=["encoder.hook_flat"])
     with pytest.raises(ValueError, match="bad policy version spec 'eps=0.1'"):
         make_dm(agent_ckpt, tmp_path, versions=["policy", "eps=0.1"])
     with pytest.raises(ValueError, match="split_fractions"):
@@ -174,16 +164,17 @@ class _LinearProbe(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        self.register_buffer("mean", dm.stats["mean"])
-        self.register_buffer("std", dm.stats["std"])
-        self.head = torch.nn.Linear(dm.feature_dim, dm.num_versions)
+        self.hook = dm.hooks[0]
+        self.register_buffer("mean", dm.stats[self.hook]["mean"])
+        self.register_buffer("std", dm.stats[self.hook]["std"])
+        self.head = torch.nn.Linear(dm.feature_dims[self.hook], dm.num_versions)
 
     def training_step(self, batch, batch_idx):
-        v = self.head((batch["x"] - self.mean) / self.std).gather(1, batch["version"][:, None]).squeeze(1)
+        v = self.head((batch["x"][self.hook] - self.mean) / self.std).gather(1, batch["version"][:, None]).squeeze(1)
         return torch.nn.functional.mse_loss(v, batch["ret"])
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/mse", torch.nn.functional.mse_loss(self.head((batch["x"] - self.mean) / self.std)[:, 0], batch["ret"]))
+        self.log("val/mse", torch.nn.functional.mse_loss(self.head((batch["x"][self.hook] - self.mean) / self.std)[:, 0], batch["ret"]))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)

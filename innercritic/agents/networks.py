@@ -25,6 +25,7 @@ Hook point names are module paths (after TransformerLens); with ``T`` the tower
     small,  T.block{i}.hook_conv         conv output, before ReLU   (C_i, H_i, W_i)
     nature  T.block{i}.hook_out          after ReLU                 (C_i, H_i, W_i)
     all     T.hook_flat                  flattened conv features    (C*H*W,)
+    small   T.hook_agent                 last conv output at the agent's square (C,), with agent_channel
             T.hook_fc                    linear layer, before ReLU  (hidden,)
             T.hook_hidden                final features             (hidden,)
     top     hook_logits (A,), hook_value ()
@@ -112,9 +113,11 @@ class _ConvReLU(nn.Module):
 class _Tower(nn.Module):
     """A conv stack (modules ``block0``, ``block1`` ...), then flatten -> linear(hidden) -> ReLU."""
 
-    def __init__(self, arch: str, obs_shape: tuple[int, int, int], channels: tuple[int, ...], hidden: int) -> None:
+    def __init__(self, arch: str, obs_shape: tuple[int, int, int], channels: tuple[int, ...], hidden: int,
+                 agent_channel: int | None = None) -> None:
         super().__init__()
         self.arch = arch
+        self.agent_channel = agent_channel
         in_channels = obs_shape[0]
         blocks: list[nn.Module] = []
         for i, out_channels in enumerate(channels):
@@ -132,7 +135,11 @@ class _Tower(nn.Module):
         self._blocks = tuple(blocks)
         self.conv_out_shape = self._conv_out_shape(obs_shape)
         self.hook_flat = HookPoint()  # (C * H * W,) of the last conv output
-        self.fc = _init(nn.Linear(math.prod(self.conv_out_shape), hidden), _HIDDEN_GAIN)
+        in_features = math.prod(self.conv_out_shape)
+        if agent_channel is not None:
+            self.hook_agent = HookPoint()  # (C,) last conv output at the agent's square
+            in_features += self.conv_out_shape[0]
+        self.fc = _init(nn.Linear(in_features, hidden), _HIDDEN_GAIN)
         self.hook_fc = HookPoint()  # (hidden,)
         self.hook_hidden = HookPoint()  # (hidden,)
 
@@ -158,7 +165,15 @@ class _Tower(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = self.hook_flat(self._convs(x).flatten(1))
+        conv = self._convs(x)
+        flat = self.hook_flat(conv.flatten(1))
+        if self.agent_channel is not None:
+            # The conv features at the agent's square, read through the obs channel that marks it: a
+            # translation-equivariant path beside the position-specific flatten, so what the policy
+            # learns at one square transfers to every square (stride-1 convs keep the grid aligned).
+            mask = x[:, self.agent_channel]
+            at_agent = self.hook_agent(torch.einsum("bchw,bhw->bc", conv, mask))
+            flat = torch.cat((flat, at_agent), 1)
         return self.hook_hidden(F.relu(self.hook_fc(self.fc(flat))))
 
 
@@ -184,6 +199,7 @@ class ActorCritic(HookedModule):
         obs_scale: float = 1.0,  # multiplies the float observation first: 1.0 for 0/1 grids, 1/255 for Atari
         channels: tuple[int, ...] | None = None,  # conv channels per stage/layer; None: the arch's default
         hidden: int | None = None,  # width of the final features; None: 256, or 512 for "nature"
+        agent_channel: int | None = None,  # "small" only: also read the features at the square this obs channel marks (the maze's mouse: 1)
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -201,6 +217,12 @@ class ActorCritic(HookedModule):
         hidden = _DEFAULT_HIDDEN[arch] if hidden is None else int(hidden)
         if hidden < 1:
             raise ValueError(f"hidden must be at least 1, got {hidden}")
+        if agent_channel is not None:
+            agent_channel = int(agent_channel)
+            if arch != "small":
+                raise ValueError(f"agent_channel needs arch 'small' (stride-1 convs keep the grid aligned), got arch {arch!r}")
+            if not 0 <= agent_channel < obs_shape[0]:
+                raise ValueError(f"agent_channel must index one of the {obs_shape[0]} observation channels, got {agent_channel}")
 
         self.obs_shape = obs_shape
         self.num_actions = int(num_actions)
@@ -209,10 +231,11 @@ class ActorCritic(HookedModule):
         self.obs_scale = float(obs_scale)
         self.channels = channels
         self.hidden = hidden
+        self.agent_channel = agent_channel
 
         # Registration order is forward order (encoder, critic_encoder, heads), which hook_names relies on.
-        self.encoder = _Tower(arch, obs_shape, channels, hidden)
-        self.critic_encoder = _Tower(arch, obs_shape, channels, hidden) if self.separate_critic else None
+        self.encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel)
+        self.critic_encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel) if self.separate_critic else None
         self.policy_head = _init(nn.Linear(hidden, self.num_actions), 0.01)
         self.value_head = _init(nn.Linear(hidden, 1), 1.0)
         self.hook_logits = HookPoint()  # (A,)
@@ -230,6 +253,7 @@ class ActorCritic(HookedModule):
             "obs_scale": self.obs_scale,
             "channels": list(self.channels),
             "hidden": self.hidden,
+            "agent_channel": self.agent_channel,
         }
 
     def tower_hook_names(self, tower: str = "encoder") -> list[str]:
@@ -238,6 +262,16 @@ class ActorCritic(HookedModule):
         if tower not in towers:
             raise ValueError(f"unknown tower {tower!r}; this network has {', '.join(repr(t) for t in towers)}")
         return [name for name in self.hook_names if name.startswith(tower + ".")]
+
+    def representation_hook_names(self, tower: str = "encoder") -> list[str]:
+        """One hook point per distinct representation of a tower, in forward order: each block's output,
+        the features at the agent's square (with ``agent_channel``) and the final features. Leaves out the
+        pre-activation and flattened copies, which hold the same information as a neighbour."""
+        names = self.tower_hook_names(tower)
+        block_out = ".res1.hook_out" if self.arch == "impala" else ".hook_out"
+        keep = [n for n in names if n.endswith(block_out) and n.count(".") == block_out.count(".") + 1]
+        keep += [n for n in names if n.endswith((".hook_agent", ".hook_hidden"))]
+        return keep
 
     def _prepare(self, obs: Tensor) -> Tensor:
         if obs.dim() != 4 or tuple(obs.shape[1:]) != self.obs_shape:

@@ -172,7 +172,7 @@ def make_request(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"versions {versions} name the same version more than once: {dupes}")
-    hook_points = list(agent.tower_hook_names("encoder") if hook_points is None else hook_points)
+    hook_points = list(agent.representation_hook_names("encoder") if hook_points is None else hook_points)
     if isinstance(hook_points, str) or not hook_points:
         raise ValueError(f"hook_points must be a non-empty list of hook point names, got {hook_points!r}")
     if len(set(hook_points)) != len(hook_points):

@@ -23,6 +23,7 @@ __all__ = [
     "Standardiser",
     "fit_affine",
     "fit_lstd",
+    "lstd_path",
     "fit_ridge",
 ]
 
@@ -91,12 +92,26 @@ class LinearValue:
         return a @ self.w + self.b
 
 
-def _ridge_solve(xc: np.ndarray, yc: np.ndarray, alpha: float) -> np.ndarray:
-    """Ridge weights on centred data: primal when n >= d, dual when n < d."""
+def _ridge_path(xc: np.ndarray, yc: np.ndarray):
+    """A function alpha -> ridge weights on centred data, from one eigendecomposition.
+
+    Primal (d x d Gram) when n >= d, dual (n x n kernel) otherwise; either way the costly product
+    is formed once, so a whole penalty grid costs about as much as one fit.
+    """
     n, d = xc.shape
-    if n >= d:
-        return np.linalg.solve(xc.T @ xc + alpha * np.eye(d), xc.T @ yc)
-    return xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(n), yc)
+    primal = n >= d
+    evals, evecs = np.linalg.eigh(xc.T @ xc if primal else xc @ xc.T)
+    proj = evecs.T @ (xc.T @ yc if primal else yc)
+    floor = 1e-12 * max(float(evals.max(initial=0.0)), 1.0)
+
+    def weights(alpha: float) -> np.ndarray:
+        denom = evals + alpha
+        # Directions the data do not span get weight 0 (the minimum-norm solution) instead of 1/0 at alpha = 0.
+        inv = np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > floor)
+        scaled = evecs @ (proj * inv)
+        return scaled if primal else xc.T @ scaled
+
+    return weights
 
 
 def fit_ridge(
@@ -124,8 +139,10 @@ def fit_ridge(
     x_mean, y_mean = a.mean(axis=0), t.mean()
     xc, yc = a - x_mean, t - y_mean
 
+    path = _ridge_path(xc, yc)
+
     def fit(alpha: float) -> LinearValue:
-        w = _ridge_solve(xc, yc, alpha)
+        w = path(alpha)
         return LinearValue(w=w, b=float(y_mean - x_mean @ w), alpha=alpha)
 
     if x_cal is None:
@@ -140,6 +157,36 @@ def fit_ridge(
             best, best_score = probe, score
     assert best is not None
     return best
+
+
+def lstd_path(
+    x: np.ndarray,
+    x_next: np.ndarray,
+    reward: np.ndarray,
+    terminal: np.ndarray,
+    gamma: float,
+):
+    """A function alpha -> LSTD(0) solution, forming the (d+1) x (d+1) system once (see :func:`fit_lstd`)."""
+    a = _matrix(x, "x")
+    an = _matrix(x_next, "x_next")
+    if an.shape != a.shape:
+        raise ValueError(f"x_next has shape {an.shape} but x has {a.shape}")
+    r = _vector(reward, len(a), "reward")
+    d = _vector(terminal, len(a), "terminal")
+    if len(a) < 2:
+        raise ValueError(f"need at least 2 samples, got {len(a)}")
+    ones = np.ones((len(a), 1))
+    z = np.hstack([a, ones])
+    zn = np.hstack([an, ones])
+    mat = z.T @ (z - gamma * (1.0 - d)[:, None] * zn)
+    rhs = z.T @ r
+    eye = np.eye(z.shape[1])
+
+    def solve(alpha: float) -> LinearValue:
+        sol = np.linalg.solve(mat + alpha * eye, rhs)
+        return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
+
+    return solve
 
 
 def fit_lstd(
@@ -157,20 +204,7 @@ def fit_lstd(
     bootstraps through a terminal (x_next there is ignored); time-limit truncations must carry
     terminal = 0 with the real next state's features in ``x_next``, so it bootstraps through them.
     """
-    a = _matrix(x, "x")
-    an = _matrix(x_next, "x_next")
-    if an.shape != a.shape:
-        raise ValueError(f"x_next has shape {an.shape} but x has {a.shape}")
-    r = _vector(reward, len(a), "reward")
-    d = _vector(terminal, len(a), "terminal")
-    if len(a) < 2:
-        raise ValueError(f"need at least 2 samples, got {len(a)}")
-    ones = np.ones((len(a), 1))
-    z = np.hstack([a, ones])
-    zn = np.hstack([an, ones])
-    mat = z.T @ (z - gamma * (1.0 - d)[:, None] * zn)
-    sol = np.linalg.solve(mat + alpha * np.eye(z.shape[1]), z.T @ r)
-    return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
+    return lstd_path(x, x_next, reward, terminal, gamma)(alpha)
 
 
 def fit_affine(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:

@@ -1,0 +1,313 @@
+"""Judging value probes: exact maze values, ceilings, floors and the evaluation table.
+
+The protocol (DESIGN.md, "Evaluation protocol"): on the test episodes of each policy version, every
+value source is scored against the Monte-Carlo returns and, in the cheese maze, against the exact
+value of that version's policy. Beside the probes stand
+
+- ceilings on the same activations: closed-form ridge on returns (penalty chosen on the calibration
+  split), LSTD (the TD fixed point; penalty chosen on the calibration split), the agent's own critic;
+- floors: the training mean, a regression on the time step, ridge on the raw observations, ridge on
+  the same hook point of a randomly initialised copy of the network, and a random direction and the
+  top principal component, each calibrated like an unsupervised probe.
+
+Unsupervised sources (and probes trained without reward labels) get a scale and an offset fitted on
+the calibration split before they are scored; their rows record how many labelled episodes that used.
+The table is a list of flat dict rows (source, hook, version, metrics), ready for JSON, W&B tables and
+plots; :func:`aggregate` folds the tables of several seeds into mean and spread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from innercritic.agents.noisy import parse_version
+from innercritic.envs.maze_values import policy_value
+from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, fit_affine, fit_ridge, lstd_path
+from innercritic.probing.metrics import dominance_accuracy, mse_over_var, normalised_td_error, pearson, r2, spearman
+
+__all__ = [
+    "CEILINGS",
+    "FLOORS",
+    "Split",
+    "aggregate",
+    "evaluation_table",
+    "hook_features",
+    "maze_exact_values",
+    "score",
+]
+
+CEILINGS = ("ridge", "lstd", "critic")
+FLOORS = ("mean", "time", "raw_obs", "random_net", "random_dir", "top_pc")
+LSTD_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+
+@dataclass
+class Split:
+    """The transitions of one split, as numpy arrays (n rows)."""
+
+    x: dict[str, np.ndarray]  # hook -> standardised activations at s_t, (n, D)
+    x_next: dict[str, np.ndarray]  # hook -> standardised activations at s_{t+1}, (n, D)
+    reward: np.ndarray  # r_t
+    terminal: np.ndarray  # 1.0 where the episode terminated after action t
+    ret: np.ndarray  # discounted return G_t
+    value: np.ndarray  # the critic at s_t
+    value_next: np.ndarray  # the critic at s_{t+1}
+    version: np.ndarray  # int, policy version of the row
+    step: np.ndarray  # int, time step t
+    episode: np.ndarray  # int, global episode id
+    exact: np.ndarray | None = None  # exact value of the row's version at s_t (maze), else None
+    obs: np.ndarray | None = None  # (n, P) flattened raw observations at s_t (for the raw-observation floor)
+    obs_next: np.ndarray | None = None  # (n, P) at s_{t+1}
+
+    def rows(self, version: int) -> np.ndarray:
+        return np.flatnonzero(self.version == version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and features that need the agent
+
+
+@torch.no_grad()
+def maze_exact_values(obs: np.ndarray, episode: np.ndarray, version: np.ndarray, version_names: Sequence[str],
+                      agent: torch.nn.Module, gamma: float, batch: int = 4096) -> np.ndarray:
+    """The exact value, under each row's policy version, of the state of each row of a maze cache.
+
+    Per episode, the walls and cheese come from its first observation; the policy's action
+    probabilities at every free square come from the agent looking at that maze with the mouse moved
+    there; :func:`~innercritic.envs.maze_values.policy_value` solves the Bellman equations (infinite
+    horizon: the step limit changes a value by at most gamma ** max_steps). Rows are in frame
+    coordinates, so padded mazes need no special case.
+
+    Args:
+        obs: uint8 (N, 3, S, S) observations (channels walls, mouse, cheese), grouped by episode.
+        episode, version: (N,) episode id and version index of each row.
+    """
+    versions = [parse_version(v) for v in version_names]
+    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+    ends = np.r_[starts[1:], len(episode)]
+    # One batch of "mouse at every free square" observations for all episodes together.
+    frames, owners, squares = [], [], []
+    for k, s in enumerate(starts):
+        first = np.asarray(obs[s])
+        free = np.argwhere(first[0] == 0)
+        many = np.repeat(first[None], len(free), axis=0)
+        many[:, 1] = 0
+        many[np.arange(len(free)), 1, free[:, 0], free[:, 1]] = 1
+        frames.append(many)
+        owners.append(np.full(len(free), k))
+        squares.append(free)
+    frames_all = np.concatenate(frames)
+    agent_device = next(agent.parameters()).device
+    logits = torch.cat([agent.policy_logits(torch.from_numpy(frames_all[i:i + batch]).to(agent_device)).float().cpu()
+                        for i in range(0, len(frames_all), batch)])
+    offsets = np.r_[0, np.cumsum([len(f) for f in frames])]
+    out = np.zeros(len(episode), dtype=np.float64)
+    for k, (s, e) in enumerate(zip(starts, ends)):
+        first = np.asarray(obs[s])
+        walls = first[0] > 0
+        cheese_at = np.argwhere(first[2] > 0)
+        if len(cheese_at) == 0:
+            continue  # no cheese: nothing to reach, every value is 0
+        probs = versions[int(version[s])].probs(logits[offsets[k]:offsets[k + 1]]).double().numpy()
+        values = policy_value(walls, tuple(cheese_at[0]), probs / probs.sum(1, keepdims=True), gamma)
+        mouse = np.asarray(obs[s:e, 1]).reshape(e - s, -1).argmax(1)
+        out[s:e] = np.nan_to_num(values.reshape(-1)[mouse], nan=0.0)
+    return out
+
+
+@torch.no_grad()
+def hook_features(agent: torch.nn.Module, obs: np.ndarray, hooks: Sequence[str], batch: int = 4096) -> dict[str, np.ndarray]:
+    """Flattened activations (N, D) of ``hooks`` for uint8 observations (N, C, H, W), in batches."""
+    parts: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+    device = next(agent.parameters()).device
+    for i in range(0, len(obs), batch):
+        _, cache = agent.run_with_cache(torch.from_numpy(np.asarray(obs[i:i + batch])).to(device), names=list(hooks))
+        for h in hooks:
+            parts[h].append(cache[h].reshape(len(cache[h]), -1).float().cpu().numpy())
+    return {h: np.concatenate(p) for h, p in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.ndarray, gamma: float) -> dict[str, float]:
+    """Every figure of one value source on ``rows`` of a split."""
+    target = data.ret[rows]
+    out = {
+        "r2_return": r2(pred, target),
+        "pearson_return": pearson(pred, target),
+        "spearman_return": spearman(pred, target),
+        "mse_over_var": mse_over_var(pred, target),
+        "td_error": (normalised_td_error(pred, pred_next, data.reward[rows], data.terminal[rows], gamma)
+                     if pred_next is not None else math.nan),
+    }
+    if data.exact is not None:
+        exact = data.exact[rows]
+        out.update(r2_exact=r2(pred, exact), pearson_exact=pearson(pred, exact), spearman_exact=spearman(pred, exact))
+    return out
+
+
+def _calibrated(pred_cal: np.ndarray, target_cal: np.ndarray, *preds: np.ndarray | None) -> list[np.ndarray | None]:
+    scale, offset = fit_affine(pred_cal, target_cal)
+    return [None if p is None else scale * p + offset for p in preds]
+
+
+def _row(source: str, hook: str | None, version: int, version_names: Sequence[str], figures: Mapping[str, float],
+         **extra: Any) -> dict[str, Any]:
+    return {"source": source, "hook": hook, "version": version_names[version], **figures, **extra}
+
+
+def _linear_sources(x_tr, xn_tr, tr, x_ca, ca, gamma, rng) -> dict[str, tuple[LinearValue, bool]]:
+    """Fitted linear sources on one feature set: name -> (linear value, needs calibration)."""
+    out: dict[str, tuple[LinearValue, bool]] = {}
+    out["ridge"] = (fit_ridge(x_tr, tr.ret_, DEFAULT_ALPHAS, x_ca, ca.ret_), False)
+    best, best_score = None, -np.inf
+    lstd = lstd_path(x_tr, xn_tr, tr.reward_, tr.terminal_, gamma)
+    for alpha in LSTD_ALPHAS:
+        try:
+            cand = lstd(alpha)
+        except np.linalg.LinAlgError:
+            continue
+        s = r2(cand.predict(x_ca), ca.ret_) if len(x_ca) > 1 else -float(np.abs(cand.w).sum())
+        if best is None or s > best_score:
+            best, best_score = cand, s
+    if best is not None:
+        out["lstd"] = (best, False)
+    d = x_tr.shape[1]
+    direction = rng.standard_normal(d)
+    out["random_dir"] = (LinearValue(w=direction / np.linalg.norm(direction), b=0.0, alpha=0.0), True)
+    centred = x_tr - x_tr.mean(0)
+    # Top principal component by power iteration on the Gram: no d x d eigendecomposition for wide layers.
+    v = rng.standard_normal(d)
+    for _ in range(100):
+        v = centred.T @ (centred @ v)
+        v /= np.linalg.norm(v) + 1e-30
+    out["top_pc"] = (LinearValue(w=v, b=0.0, alpha=0.0), True)
+    return out
+
+
+class _Rows:
+    """A split restricted to some rows, with the label arrays pre-sliced (suffix _)."""
+
+    def __init__(self, data: Split, rows: np.ndarray) -> None:
+        self.rows = rows
+        self.ret_ = data.ret[rows].astype(np.float64)
+        self.reward_ = data.reward[rows].astype(np.float64)
+        self.terminal_ = data.terminal[rows].astype(np.float64)
+        self.step_ = data.step[rows].astype(np.float64)
+
+
+def evaluation_table(
+    train: Split,
+    calib: Split,
+    test: Split,
+    gamma: float,
+    version_names: Sequence[str],
+    probes: Mapping[str, Mapping[str, tuple[Callable[[np.ndarray], np.ndarray], bool]]] | None = None,
+    random_net: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Rows of figures for every value source, hook point and policy version on the test split.
+
+    Args:
+        train, calib, test: the three splits (features standardised with train statistics).
+        gamma: the dataset's discount.
+        version_names: names of the policy versions (index = head).
+        probes: ``{source_name: {hook: (predict, unsupervised)}}`` where ``predict`` maps standardised
+            features (n, D) to every head's value (n, V); unsupervised probes are calibrated per head.
+        random_net: ``{hook: (x_train, x_next_train, x_calib, x_test, x_next_test)}`` activations of a
+            randomly initialised network (standardised), for the random-network floor.
+        seed: seed of the random direction (and of the principal component's start).
+    """
+    rows: list[dict[str, Any]] = []
+    V = len(version_names)
+    per_version = [(_Rows(train, train.rows(i)), _Rows(calib, calib.rows(i)), _Rows(test, test.rows(i))) for i in range(V)]
+    calib_episodes = [int(len(np.unique(calib.episode[ca.rows]))) for _, ca, _ in per_version]
+
+    for hook in train.x:
+        fitted: dict[str, list[LinearValue]] = {}
+        for i, (tr, ca, te) in enumerate(per_version):
+            if len(tr.rows) < 2 or len(te.rows) < 2:
+                continue
+            x_tr, xn_tr = train.x[hook][tr.rows], train.x_next[hook][tr.rows]
+            x_ca, x_te, xn_te = calib.x[hook][ca.rows], test.x[hook][te.rows], test.x_next[hook][te.rows]
+            for name, (lin, calibrate) in _linear_sources(x_tr, xn_tr, tr, x_ca, ca, gamma, np.random.default_rng(seed)).items():
+                fitted.setdefault(name, []).append(lin)
+                pred, pred_next = lin.predict(x_te), lin.predict(xn_te)
+                extra: dict[str, Any] = {}
+                if calibrate:
+                    pred, pred_next = _calibrated(lin.predict(x_ca), ca.ret_, pred, pred_next)
+                    extra["labelled_episodes"] = calib_episodes[i]
+                if name in ("ridge", "lstd"):
+                    extra["alpha"] = lin.alpha
+                rows.append(_row(name, hook, i, version_names, score(pred, pred_next, test, te.rows, gamma), **extra))
+            for name, sources in (probes or {}).items():
+                if hook not in sources:
+                    continue
+                predict, unsupervised = sources[hook]
+                pred, pred_next = predict(x_te)[:, i], predict(xn_te)[:, i]
+                extra = {}
+                if unsupervised:
+                    pred, pred_next = _calibrated(predict(x_ca)[:, i], ca.ret_, pred, pred_next)
+                    extra["labelled_episodes"] = calib_episodes[i]
+                if i > 0:
+                    all_v = predict(test.x[hook])
+                    extra["dominance"] = dominance_accuracy(all_v[:, 0], all_v[:, i])
+                rows.append(_row(name, hook, i, version_names, score(pred, pred_next, test, te.rows, gamma), **extra))
+            if random_net and hook in random_net:
+                r_tr, rn_tr, r_ca, r_te, rn_te = random_net[hook]
+                lin = fit_ridge(r_tr[tr.rows], tr.ret_, DEFAULT_ALPHAS, r_ca[ca.rows], ca.ret_)
+                rows.append(_row("random_net", hook, i, version_names,
+                                 score(lin.predict(r_te[te.rows]), lin.predict(rn_te[te.rows]), test, te.rows, gamma)))
+        # Dominance of the separately fitted per-version ceilings, on every test state.
+        for name in ("ridge", "lstd"):
+            lins = fitted.get(name, [])
+            if len(lins) == V:
+                v0 = lins[0].predict(test.x[hook])
+                for row in rows:
+                    if row["source"] == name and row["hook"] == hook and row["version"] != version_names[0]:
+                        i = list(version_names).index(row["version"])
+                        row["dominance"] = dominance_accuracy(v0, lins[i].predict(test.x[hook]))
+
+    # Sources that do not depend on a hook point.
+    for i, (tr, ca, te) in enumerate(per_version):
+        if len(tr.rows) < 2 or len(te.rows) < 2:
+            continue
+        rows.append(_row("critic", None, i, version_names,
+                         score(test.value[te.rows].astype(np.float64), test.value_next[te.rows].astype(np.float64), test, te.rows, gamma)))
+        mean = np.full(len(te.rows), tr.ret_.mean())
+        rows.append(_row("mean", None, i, version_names, score(mean, mean, test, te.rows, gamma)))
+        lin = fit_ridge(tr.step_[:, None], tr.ret_, (0.0,))
+        rows.append(_row("time", None, i, version_names,
+                         score(lin.predict(te.step_[:, None]), lin.predict(te.step_[:, None] + 1), test, te.rows, gamma)))
+        if train.obs is not None and test.obs is not None and calib.obs is not None:
+            lin = fit_ridge(train.obs[tr.rows].astype(np.float64), tr.ret_, DEFAULT_ALPHAS, calib.obs[ca.rows].astype(np.float64), ca.ret_)
+            nxt = lin.predict(test.obs_next[te.rows].astype(np.float64)) if test.obs_next is not None else None
+            rows.append(_row("raw_obs", None, i, version_names,
+                             score(lin.predict(test.obs[te.rows].astype(np.float64)), nxt, test, te.rows, gamma)))
+    return rows
+
+
+def aggregate(tables: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean, standard deviation and count over seeds of every numeric figure, per (source, hook, version)."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for table in tables:
+        for row in table:
+            groups.setdefault((row["source"], row["hook"], row["version"]), []).append(row)
+    out = []
+    for (source, hook, version), members in groups.items():
+        row: dict[str, Any] = {"source": source, "hook": hook, "version": version, "seeds": len(members)}
+        keys = [k for k in members[0] if k not in ("source", "hook", "version") and isinstance(members[0][k], (int, float))]
+        for k in keys:
+            vals = np.array([m[k] for m in members if isinstance(m.get(k), (int, float)) and m[k] is not None], dtype=np.float64)
+            vals = vals[np.isfinite(vals)]
+            row[k] = float(vals.mean()) if len(vals) else math.nan
+            row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else math.nan
+        out.append(row)
+    return out

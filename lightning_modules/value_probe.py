@@ -1,0 +1,303 @@
+"""Multi-loss linear value probes on the activations of a policy network, as a LightningModule.
+
+Method: linear probing for a value estimate (after Alain & Bengio 2016, "Understanding intermediate
+layers using linear classifier probes"), trained under any weighted mix of TD error, Monte-Carlo
+regression, negative variance and the unsupervised dominance-with-slack loss of
+:mod:`innercritic.probing.losses` (DESIGN.md, "Probe losses"), one linear head per policy version on
+the standardised activations of each served hook point.
+
+Run (fits every configuration at every served hook point together, then evaluates them against
+returns, exact values, ceilings and floors, and writes the table into ``summary.json``)::
+
+    python train.py fit -c configs/probe/maze.yaml --data.agent_ckpt A.ckpt --data.cache_dir D
+    python train.py test -c configs/probe/maze.yaml --data.agent_ckpt A.ckpt --data.cache_dir D --ckpt_path P.ckpt
+
+Several configurations and hook points train in one pass over the data: their parameters are
+disjoint, so the summed loss gives each the gradient it would get alone, and the data are read once.
+``init_from`` starts a new run from a probe checkpoint's weights and standardisation (fine-tuning with
+new loss weights or new data); ``--ckpt_path`` resumes a run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from innercritic.agents.networks import ActorCritic
+from innercritic.probing.evaluate import Split, evaluation_table, hook_features
+from innercritic.probing.losses import LossConfig, probe_loss_terms
+
+__all__ = ["ValueProbe", "PROBE_KIND"]
+
+PROBE_KIND = "innercritic-value-probe"
+SLACK_HEADS = ("state", "linear")
+
+
+def _key(config: str, hook: str) -> str:
+    # Module names may not contain dots; hook points are dotted module paths.
+    return f"{config}@{hook.replace('.', ':')}"
+
+
+class ValueProbe(L.LightningModule):
+    """Linear value heads (one per policy version) for each named loss configuration and hook point.
+
+    Args:
+        configs: named probe configurations, ``{name: {term: weight, ...}}`` with the terms and options of
+            :class:`~innercritic.probing.losses.LossConfig` (td, mc, neg_var, slack, ordering, terminal_zero,
+            bounds, margin, scale); None: ``{"mc": {"mc": 1.0}}``.
+        slack_head: slack variables of the slack term: ``state`` (a free variable per cached state) or
+            ``linear`` (a linear head on the activations, so the slack generalises to unseen states).
+        reward_range: (min, max) reward of the environment; the bounds term uses [min, max] / (1 - gamma).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay on the heads.
+        primary_hook: the hook point whose figures headline the summary; None: the last served hook point.
+        eval_seed: seed of the evaluation's random floors (random direction, random network).
+        init_from: a probe checkpoint whose heads and standardisation start this run (fine-tuning).
+    """
+
+    def __init__(
+        self,
+        configs: dict[str, dict[str, Any]] | None = None,
+        slack_head: str = "state",
+        reward_range: tuple[float, float] = (0.0, 1.0),
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        primary_hook: str | None = None,
+        eval_seed: int = 0,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        configs = {"mc": {"mc": 1.0}} if configs is None else dict(configs)
+        if not configs:
+            raise ValueError("model.configs is empty; give at least one probe configuration, e.g. {mc: {mc: 1.0}}")
+        self.loss_configs = {name: LossConfig.from_dict(name, spec or {}) for name, spec in configs.items()}
+        for name in self.loss_configs:
+            if not name or any(ch in name for ch in ".@/ "):
+                raise ValueError(f"probe configuration name {name!r} is invalid: use letters, digits, '_' or '-'")
+        if slack_head not in SLACK_HEADS:
+            raise ValueError(f"model.slack_head {slack_head!r} is invalid; valid: {', '.join(SLACK_HEADS)}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be positive, got {lr}")
+        self.save_hyperparameters()
+        self.heads = nn.ModuleDict()
+        self.slacks = nn.ModuleDict()
+        self.hooks: list[str] = []
+        self.gamma = 0.99
+        self.results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction and checkpoints
+    def setup(self, stage: str) -> None:
+        if self.hooks:
+            return
+        dm = self.trainer.datamodule
+        for attr in ("hooks", "feature_dims", "num_versions", "num_states", "stats", "gamma"):
+            if getattr(dm, attr, None) is None:
+                raise ValueError(f"ValueProbe needs a trajectory datamodule exposing {attr!r} after setup "
+                                 f"(datamodules.trajectories.TrajectoryDataModule); got {type(dm).__name__}")
+        self.hooks = list(dm.hooks)
+        primary = self.hparams.primary_hook
+        if primary is not None and primary not in self.hooks:
+            raise ValueError(f"model.primary_hook {primary!r} is not among the served hook points {self.hooks}")
+        self.primary_hook = primary or self.hooks[-1]
+        self.gamma = float(dm.gamma)
+        V = int(dm.num_versions)
+        for hook in self.hooks:
+            tag = hook.replace(".", ":")
+            self.register_buffer(f"mean@{tag}", dm.stats[hook]["mean"].clone())
+            self.register_buffer(f"std@{tag}", dm.stats[hook]["std"].clone())
+            for name, cfg in self.loss_configs.items():
+                head = nn.Linear(dm.feature_dims[hook], V)
+                nn.init.zeros_(head.bias)
+                if cfg.supervised:
+                    nn.init.zeros_(head.weight)  # a convex problem: start from the constant-zero value
+                else:
+                    # Unsupervised objectives are symmetric at 0; start from a small random direction.
+                    nn.init.normal_(head.weight, std=dm.feature_dims[hook] ** -0.5)
+                self.heads[_key(name, hook)] = head
+                if cfg.slack and V > 1:
+                    if self.hparams.slack_head == "state":
+                        self.slacks[_key(name, hook)] = nn.Embedding(int(dm.num_states), V - 1, _weight=torch.zeros(int(dm.num_states), V - 1))
+                    else:
+                        self.slacks[_key(name, hook)] = nn.Linear(dm.feature_dims[hook], V - 1)
+        lo, hi = self.hparams.reward_range
+        self.value_range = (min(lo, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else -np.inf,
+                            max(hi, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else np.inf)
+        if self.hparams.init_from:
+            self._init_from(self.hparams.init_from)
+
+    def _init_from(self, path: str) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        meta = ckpt.get("innercritic_probe") if isinstance(ckpt, dict) else None
+        if meta is None or meta.get("kind") != PROBE_KIND:
+            raise ValueError(f"init_from {path!r} is not an InnerCritic value-probe checkpoint")
+        state = ckpt["state_dict"]
+        own = self.state_dict()
+        loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith("slacks.")}
+        if not any(k.startswith("heads.") for k in loaded):
+            raise ValueError(f"init_from {path!r} holds heads for {meta.get('heads')}, none of which match this run's "
+                             f"{sorted(self.heads.keys())} (same configuration name, hook point and number of versions)")
+        self.load_state_dict(loaded, strict=False)
+        self.initialised_from = sorted(k for k in loaded if k.startswith("heads."))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["innercritic_probe"] = {"kind": PROBE_KIND, "heads": sorted(self.heads.keys()), "hooks": self.hooks,
+                                           "configs": {k: c.as_dict() for k, c in self.loss_configs.items()}, "gamma": self.gamma}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # Cosine decay to 0 over the run: a constant step leaves Adam's last iterate jittering around the
+        # optimum, and the closed forms the probes are compared with are the optimum itself.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ the probe
+    def standardise(self, hook: str, x: Tensor) -> Tensor:
+        tag = hook.replace(".", ":")
+        return (x - getattr(self, f"mean@{tag}")) / getattr(self, f"std@{tag}")
+
+    def values(self, config: str, hook: str, xs: Tensor) -> Tensor:
+        """Every head's value (B, V) on standardised activations (B, D) of ``hook``."""
+        head = self.heads[_key(config, hook)]
+        v = F.linear(xs, head.weight, head.bias)
+        if self.loss_configs[config].unit_norm:
+            v = v / head.weight[0].norm().clamp_min(1e-8)
+        return v
+
+    def linear_map(self, config: str, hook: str) -> tuple[Tensor, Tensor]:
+        """(w (V, D), b (V,)) of the heads on standardised activations, scale constraint applied."""
+        head = self.heads[_key(config, hook)]
+        scale = head.weight[0].norm().clamp_min(1e-8) if self.loss_configs[config].unit_norm else 1.0
+        return (head.weight / scale).detach(), (head.bias / scale).detach()
+
+    def _loss(self, batch: Mapping[str, Any], stage: str) -> Tensor:
+        total = 0.0
+        logs: dict[str, Tensor] = {}
+        for hook in self.hooks:
+            xs, xn = self.standardise(hook, batch["x"][hook]), self.standardise(hook, batch["x_next"][hook])
+            for name, cfg in self.loss_configs.items():
+                key = _key(name, hook)
+                slack = None
+                if key in self.slacks:
+                    module = self.slacks[key]
+                    slack = module(batch["state_index"]) if isinstance(module, nn.Embedding) else module(xs)
+                terms = probe_loss_terms(cfg, self.values(name, hook, xs), self.values(name, hook, xn), batch, self.gamma,
+                                         slack=slack, value_range=self.value_range)
+                loss = sum(terms.values())
+                total = total + loss
+                if hook == self.primary_hook:
+                    logs[f"{stage}/{name}/loss"] = loss.detach()
+        logs[f"{stage}/loss"] = total.detach()
+        self.log_dict(logs, on_step=stage == "train", on_epoch=stage != "train", batch_size=len(batch["reward"]))
+        return total
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        return self._loss(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._loss(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._loss(batch, "test")
+
+    # ------------------------------------------------------------------ evaluation
+    def on_train_end(self) -> None:
+        self.results = self.evaluate()
+
+    def on_test_epoch_end(self) -> None:
+        self.results = self.evaluate()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """The evaluation table on the test split, plus the data behind the figures."""
+        dm = self.trainer.datamodule
+        splits = {name: dm.split_arrays(name) for name in ("train", "calib", "test")}
+        random_net = self._random_net_features(dm, splits)
+        probes: dict[str, dict[str, tuple[Any, bool]]] = {}
+        for name, cfg in self.loss_configs.items():
+            probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks}
+        table = evaluation_table(splits["train"], splits["calib"], splits["test"], self.gamma, dm.version_names,
+                                 probes=probes, random_net=random_net, seed=self.hparams.eval_seed)
+        return {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names)}
+
+    def _predictor(self, config: str, hook: str):
+        w, b = self.linear_map(config, hook)
+        w64, b64 = w.double().cpu().numpy(), b.double().cpu().numpy()
+        return lambda x: np.asarray(x, dtype=np.float64) @ w64.T + b64
+
+    def _random_net_features(self, dm: Any, splits: Mapping[str, Split]):
+        """Standardised activations of a randomly initialised copy of the agent (the random-network floor)."""
+        agent = getattr(dm, "agent", None)
+        if agent is None or splits["train"].obs is None:
+            return None
+        torch.manual_seed(self.hparams.eval_seed)
+        fresh = ActorCritic(**agent.config).eval()
+        shape = tuple(agent.config["obs_shape"])
+        feats = {}
+        for name in ("train", "calib", "test"):
+            s = splits[name]
+            now = hook_features(fresh, s.obs.reshape(-1, *shape), self.hooks)
+            nxt = hook_features(fresh, s.obs_next.reshape(-1, *shape), self.hooks) if name != "calib" else None
+            feats[name] = (now, nxt)
+        out = {}
+        for h in self.hooks:
+            mean, std = feats["train"][0][h].mean(0), feats["train"][0][h].std(0)
+            std[std < 1e-8] = 1.0
+            z = lambda a: (a - mean) / std  # noqa: E731
+            out[h] = (z(feats["train"][0][h]), z(feats["train"][1][h]), z(feats["calib"][0][h]), z(feats["test"][0][h]), z(feats["test"][1][h]))
+        return out
+
+    def _figure_data(self, splits: Mapping[str, Split], probes: Mapping[str, Mapping[str, tuple[Any, bool]]]) -> dict[str, Any]:
+        """Predicted value against return on test states, and value traces along a few test episodes."""
+        test, calib = splits["test"], splits["calib"]
+        first = next(iter(self.loss_configs))
+        predict, unsupervised = probes[f"probe:{first}"][self.primary_hook]
+        rows = test.rows(0)
+        pred = predict(test.x[self.primary_hook][rows])[:, 0]
+        if unsupervised and len(calib.rows(0)) > 1:
+            from innercritic.probing.closed_form import fit_affine
+
+            cal = calib.rows(0)
+            scale, offset = fit_affine(predict(calib.x[self.primary_hook][cal])[:, 0], calib.ret[cal])
+            pred = scale * pred + offset
+        episodes = list(dict.fromkeys(test.episode[rows].tolist()))[:4]
+        traces = []
+        for ep in episodes:
+            r = rows[test.episode[rows] == ep]
+            k = np.searchsorted(rows, r)
+            traces.append({"episode": int(ep), "step": test.step[r].tolist(), "probe": pred[k].tolist(),
+                           "return": test.ret[r].tolist(), "critic": test.value[r].tolist(),
+                           "exact": None if test.exact is None else test.exact[r].tolist()})
+        return {"config": first, "hook": self.primary_hook, "pred": pred.tolist(), "ret": test.ret[rows].tolist(),
+                "exact": None if test.exact is None else test.exact[rows].tolist(), "traces": traces}
+
+    def summary(self) -> dict[str, Any]:
+        """Headline figures (first configuration, primary hook point, the policy's head) and the full table."""
+        table = self.results.get("table", [])
+        names = self.results.get("version_names", ["policy"])
+        first = next(iter(self.loss_configs))
+        out: dict[str, Any] = {"hook": getattr(self, "primary_hook", None), "config": first,
+                               "loss_weights": {k: c.as_dict() for k, c in self.loss_configs.items()}}
+
+        def pick(source: str, hook: str | None) -> Mapping[str, Any] | None:
+            return next((r for r in table if r["source"] == source and r["hook"] == hook and r["version"] == names[0]), None)
+
+        for label, source, hook in (("probe", f"probe:{first}", out["hook"]), ("ridge", "ridge", out["hook"]),
+                                    ("lstd", "lstd", out["hook"]), ("critic", "critic", None)):
+            row = pick(source, hook)
+            if row is not None:
+                out[f"{label}/r2_return"] = row["r2_return"]
+                if "r2_exact" in row:  # the maze: against the exact value of the policy
+                    out[f"{label}/r2_return_exact"] = row["r2_exact"]
+        for name in self.loss_configs:
+            row = pick(f"probe:{name}", out["hook"])
+            if row is not None:
+                out[f"probe:{name}/r2_return"] = row["r2_return"]
+        out["table"] = table
+        return out

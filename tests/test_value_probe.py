@@ -1,0 +1,252 @@
+"""ValueProbe: known linear values recovered, agreement with the closed forms, fine-tuning, resuming, the CLI run.
+
+The synthetic datamodule builds episodes whose value is exactly linear in the features: with
+``r_t = v(s_t) - gamma v(s_{t+1})`` (and ``r = v(s)`` on the terminating step), both the Monte-Carlo
+return and the TD fixed point equal ``v``. With noise on the rewards the two optima part: the ``mc``
+probe must then land on ridge's solution and the ``td`` probe on LSTD's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import write_agent_checkpoint
+from innercritic.probing.closed_form import fit_lstd, fit_ridge
+from innercritic.probing.evaluate import Split
+from lightning_modules.value_probe import ValueProbe
+from wandb_records import history_keys, run_file
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "h.hook_out"
+
+
+class LinearValueData(L.LightningDataModule):
+    """Episodes of AR(1) Gaussian features whose value under version i is ``w_i . x + b_i`` (+ ``nonlinear * relu(x_0 - m_0) x_1``)."""
+
+    def __init__(self, dim: int = 5, versions: int = 2, episodes: int = 150, gamma: float = 0.9, noise: float = 0.0,
+                 nonlinear: float = 0.0, seed: int = 0, batch_size: int = 256) -> None:
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.gamma, self.batch_size = gamma, batch_size
+        self.hooks, self.version_names = [HOOK], ["policy"] + [f"eps:{0.25 * i}" for i in range(1, versions)]
+        self.num_versions = versions
+        self.w_true = rng.normal(size=(versions, dim))
+        self.b_true = np.linspace(0.5, -0.5, versions)
+        offset = rng.normal(3.0, 1.0, size=dim)  # features far from standardised, so the statistics matter
+        cols: dict[str, list] = {k: [] for k in ("x", "reward", "terminal", "ret", "value", "version", "episode", "step", "last", "exact")}
+        for v in range(versions):
+            for e in range(episodes):
+                length = int(rng.integers(4, 16))
+                # AR(1) features: successive states are alike, as in an environment, so bootstrapping matters.
+                z = rng.normal(size=(length + 1, dim))
+                for t in range(1, length + 1):
+                    z[t] = 0.8 * z[t - 1] + 0.6 * z[t]
+                x = z + offset
+                # A nonlinear part no linear probe can fit: MC regression and the TD fixed point then differ.
+                value = x @ self.w_true[v] + self.b_true[v] + nonlinear * np.maximum(x[:, 0] - offset[0], 0.0) * x[:, 1]
+                value[-1] = 0.0  # the terminal state
+                reward = value[:-1] - gamma * value[1:] + noise * rng.normal(size=length)
+                ret = np.zeros(length + 1)
+                for t in reversed(range(length)):
+                    ret[t] = reward[t] + gamma * ret[t + 1]
+                cols["x"].append(x)
+                cols["reward"].append(np.r_[reward, 0.0])
+                cols["terminal"].append(np.r_[np.zeros(length - 1), 1.0, 0.0])
+                cols["ret"].append(ret)
+                cols["value"].append(value + 0.1 * rng.normal(size=length + 1))
+                cols["exact"].append(value)
+                cols["version"].append(np.full(length + 1, v))
+                cols["episode"].append(np.full(length + 1, v * episodes + e))
+                cols["step"].append(np.arange(length + 1))
+                cols["last"].append(np.r_[np.zeros(length, bool), True])
+        self.c = {k: np.concatenate(a) for k, a in cols.items()}
+        self.num_states = len(self.c["x"])
+        self.feature_dims = {HOOK: dim}
+        perm = rng.permutation(episodes)
+        parts = {"train": perm[:int(0.7 * episodes)], "calib": perm[int(0.7 * episodes):int(0.8 * episodes)],
+                 "test": perm[int(0.8 * episodes):]}
+        local = self.c["episode"] % episodes
+        self.rows = {k: np.flatnonzero(np.isin(local, p) & ~self.c["last"]) for k, p in parts.items()}
+        train_states = np.flatnonzero(np.isin(local, parts["train"]))
+        x = self.c["x"][train_states]
+        self.stats = {HOOK: {"mean": torch.tensor(x.mean(0), dtype=torch.float32), "std": torch.tensor(x.std(0), dtype=torch.float32)}}
+
+    def batch(self, rows: np.ndarray) -> dict:
+        c, f = self.c, lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+        return {"x": {HOOK: f(c["x"][rows])}, "x_next": {HOOK: f(c["x"][rows + 1])}, "reward": f(c["reward"][rows]),
+                "terminal": f(c["terminal"][rows]), "truncated": torch.zeros(len(rows)), "ret": f(c["ret"][rows]),
+                "bootstrapped": torch.zeros(len(rows)), "value": f(c["value"][rows]),
+                "version": torch.as_tensor(c["version"][rows], dtype=torch.int64),
+                "state_index": torch.as_tensor(rows, dtype=torch.int64),
+                "episode": torch.as_tensor(c["episode"][rows]), "step": torch.as_tensor(c["step"][rows])}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        rows = self.rows[split]
+        return DataLoader(range(len(rows)), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(0), collate_fn=lambda idx: self.batch(rows[np.asarray(idx)]))
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("calib", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+    def split_arrays(self, split: str) -> Split:
+        rows, c = self.rows[split], self.c
+        mean, std = self.stats[HOOK]["mean"].numpy(), self.stats[HOOK]["std"].numpy()
+        z = lambda r: (c["x"][r] - mean) / std  # noqa: E731
+        return Split(x={HOOK: z(rows)}, x_next={HOOK: z(rows + 1)}, reward=c["reward"][rows], terminal=c["terminal"][rows],
+                     ret=c["ret"][rows], value=c["value"][rows], value_next=c["value"][rows + 1], version=c["version"][rows],
+                     step=c["step"][rows], episode=c["episode"][rows], exact=c["exact"][rows])
+
+
+def fit(model: ValueProbe, dm: L.LightningDataModule, epochs: int, root: Path | None = None, **kw) -> L.Trainer:
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=root is not None, default_root_dir=root,
+                        num_sanity_val_steps=0, **kw)
+    trainer.fit(model, datamodule=dm)
+    return trainer
+
+
+def row(model: ValueProbe, source: str, version: str = "policy", hook: str | None = HOOK) -> dict:
+    return next(r for r in model.results["table"] if r["source"] == source and r["hook"] == hook and r["version"] == version)
+
+
+def raw_weights(model: ValueProbe, dm: LinearValueData, config: str) -> np.ndarray:
+    """The probe as (w, b) on raw features, per head: undo the standardisation."""
+    w, b = model.linear_map(config, HOOK)
+    mean, std = dm.stats[HOOK]["mean"].double(), dm.stats[HOOK]["std"].double()
+    w_raw = w.double() / std
+    return np.c_[w_raw.numpy(), (b.double() - w_raw @ mean).numpy()]
+
+
+def test_mc_td_and_both_recover_a_known_linear_value():
+    dm = LinearValueData(noise=0.0)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}, "mc_td": {"mc": 1.0, "td": 1.0}}, lr=0.05)
+    fit(model, dm, epochs=40)
+    truth = np.c_[dm.w_true, dm.b_true]
+    for config in ("mc", "td", "mc_td"):
+        for i, version in enumerate(dm.version_names):
+            r = row(model, f"probe:{config}", version)
+            assert r["r2_return"] > 0.99 and r["r2_exact"] > 0.99, (config, version, r)
+        assert np.allclose(raw_weights(model, dm, config), truth, atol=0.05), config
+    summary = model.summary()
+    assert summary["probe/r2_return"] > 0.99 and summary["ridge/r2_return"] > 0.99 and summary["lstd/r2_return"] > 0.99
+    assert summary["probe/r2_return_exact"] > 0.99 and summary["hook"] == HOOK and summary["config"] == "mc"
+    assert summary["loss_weights"]["td"]["td"] == 1.0
+    floors = {r["source"]: r["r2_return"] for r in model.results["table"] if r["version"] == "policy"}
+    assert floors["mean"] < 0.01 and floors["time"] < 0.2, "floors sit far below a probe that recovers the value"
+
+
+def test_sgd_probes_land_on_the_closed_forms_when_mc_and_td_disagree():
+    dm = LinearValueData(noise=0.5, nonlinear=2.0, versions=1, episodes=200, dim=4, seed=1, batch_size=128)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}}, lr=0.1)
+    fit(model, dm, epochs=80)
+    tr = dm.split_arrays("train")
+    ridge = fit_ridge(tr.x[HOOK], tr.ret, alphas=(0.0,))
+    lstd = fit_lstd(tr.x[HOOK], tr.x_next[HOOK], tr.reward, tr.terminal, dm.gamma, alpha=0.0)
+    w_mc, b_mc = (t.numpy()[0] for t in model.linear_map("mc", HOOK))
+    w_td, b_td = (t.numpy()[0] for t in model.linear_map("td", HOOK))
+    assert max(np.abs(lstd.w - ridge.w).max(), abs(lstd.b - ridge.b)) > 0.1, "the problem must separate the two optima for the test to mean anything"
+    assert np.allclose(w_mc, ridge.w, atol=0.02) and abs(b_mc - ridge.b) < 0.02
+    assert np.allclose(w_td, lstd.w, atol=0.02) and abs(b_td - lstd.b) < 0.02
+
+
+def test_unsupervised_probe_is_scaled_calibrated_and_judged_on_dominance():
+    dm = LinearValueData(noise=0.0, versions=3, episodes=100)
+    model = ValueProbe(configs={"unsup": {"slack": 1.0, "neg_var": 0.1}}, lr=0.02)
+    fit(model, dm, epochs=10)
+    w, _ = model.linear_map("unsup", HOOK)
+    assert torch.isclose(w[0].norm(), torch.tensor(1.0), atol=1e-5), "the scale constraint holds head 0 at unit norm"
+    r = row(model, "probe:unsup", "eps:0.25")
+    assert r["labelled_episodes"] == 10 and 0.0 <= r["dominance"] <= 1.0
+    floors = [row(model, s) for s in ("random_dir", "top_pc")]
+    assert all("labelled_episodes" in f for f in floors), "floors are calibrated the same way"
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_count(tmp_path):
+    dm = LinearValueData(episodes=60)
+    first = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05)
+    trainer = fit(first, dm, epochs=2, root=tmp_path / "a")
+    ckpt = Path(trainer.checkpoint_callback.best_model_path)
+    steps = trainer.global_step
+    assert steps > 0 and ckpt.is_file()
+
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen["w"] = module.heads[next(iter(module.heads))].weight.detach().clone()
+
+    tuned = ValueProbe(configs={"mc": {"mc": 1.0, "td": 2.0}}, lr=0.05, init_from=str(ckpt))
+    fit(tuned, dm, epochs=1, callbacks=[Capture()])
+    start = torch.load(ckpt, weights_only=True)["state_dict"]
+    key = next(k for k in start if k.startswith("heads.") and k.endswith(".weight"))
+    assert torch.equal(seen["w"], start[key]), "the fine-tuned run starts from the checkpoint's weights"
+    assert not torch.equal(tuned.heads[next(iter(tuned.heads))].weight.detach(), start[key]), "and then trains"
+    assert tuned.loss_configs["mc"].td == 2.0
+
+    resumed = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05)
+    trainer2 = L.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path / "b", num_sanity_val_steps=0)
+    trainer2.fit(resumed, datamodule=dm, ckpt_path=str(ckpt))
+    assert trainer2.global_step == 2 * steps, "a resumed run continues from the checkpoint's step, not from 0"
+
+
+def test_bad_probe_configurations_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"probe configuration 'x' has unknown key\(s\) \['mcc'\]; valid keys: .*mc"):
+        ValueProbe(configs={"x": {"mcc": 1.0}})
+    with pytest.raises(ValueError, match="needs at least one positive weight"):
+        ValueProbe(configs={"x": {"td": 0.0}})
+    with pytest.raises(ValueError, match=r"weight neg_var=-1.0 is invalid"):
+        ValueProbe(configs={"x": {"neg_var": -1.0}})
+    with pytest.raises(ValueError, match="probe scale 'unit' is invalid; valid: auto, none, unit_norm"):
+        ValueProbe(configs={"x": {"mc": 1.0, "scale": "unit"}})
+    with pytest.raises(ValueError, match="model.configs is empty"):
+        ValueProbe(configs={})
+    with pytest.raises(ValueError, match="slack_head 'free' is invalid"):
+        ValueProbe(slack_head="free")
+
+
+def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
+    """The real thing on a tiny maze agent: cache built on first use, probes fitted, judged, plotted, logged."""
+    agent = write_agent_checkpoint(tmp_path / "agent.ckpt", env_kwargs={"size": 5, "max_steps": 15})
+    root = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "fit", "-c", "configs/probe/maze.yaml", f"--data.agent_ckpt={agent}",
+           f"--data.cache_dir={tmp_path / 'cache'}", "--data.episodes_per_version=12", "--data.num_envs=4",
+           "--data.progress=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={root}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("probe/r2_return", "ridge/r2_return", "lstd/r2_return", "critic/r2_return", "probe/r2_return_exact",
+                "ridge/r2_return_exact", "lstd/r2_return_exact", "critic/r2_return_exact"):
+        assert key in summary, key
+    assert summary["hook"] == "encoder.hook_hidden" and summary["loss_weights"]["unsupervised"]["slack"] == 1.0
+    sources = {r["source"] for r in summary["table"]}
+    assert sources >= {"probe:mc", "probe:td", "probe:mc_td", "probe:unsupervised", "ridge", "lstd", "critic",
+                       "mean", "time", "raw_obs", "random_net", "random_dir", "top_pc"}
+    hooks = {r["hook"] for r in summary["table"]}
+    assert hooks == {None, "encoder.block0.hook_out", "encoder.block1.hook_out", "encoder.hook_hidden"}
+    for name in ("probe_vs_return", "value_traces", "per_layer"):
+        assert (run / "figures" / f"{name}.png").stat().st_size > 1000, name
+    wandb_file = run_file(root / "wandb")
+    keys = history_keys(wandb_file)
+    assert {"eval/probe:mc/r2_return", "eval/ridge/r2_return", "train/loss"} <= keys, sorted(keys)[:40]
+    assert any(k.startswith("probe/probe_vs_return") for k in keys), sorted(keys)
+    images = list(wandb_file.parent.glob("files/media/images/probe/probe_vs_return*.png"))
+    assert images, "the probe-vs-return figure is in the offline W&B run"
