@@ -1,4 +1,4 @@
-"""Writes ``summary.json`` into the run's log directory when a fit ends.
+"""Writes ``summary.json`` into the run's log directory when a fit or a test run ends.
 
 Every run leaves its final figures beside the config that made them, so a result can be quoted
 without opening W&B. The module supplies the figures through a ``summary()`` method; the config is
@@ -43,6 +43,12 @@ class RunSummary(L.Callback):
         figures = pl_module.summary() if hasattr(pl_module, "summary") else {}
         # trainer.log_dir broadcasts from rank 0, a collective: every rank must ask, not rank 0 alone.
         self._write(trainer, pl_module, figures, run_dir(trainer))
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs that only test (a steering scan: `train.py test`) have no fit end; write the same file.
+        if not hasattr(pl_module, "summary"):
+            return
+        self._write(trainer, pl_module, pl_module.summary(), run_dir(trainer))
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, figures: dict[str, Any], out: Path) -> None:

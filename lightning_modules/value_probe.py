@@ -218,7 +218,7 @@ class ValueProbe(L.LightningModule):
         """The evaluation table on the test split, plus the data behind the figures."""
         dm = self.trainer.datamodule
         splits = {name: dm.split_arrays(name) for name in ("train", "calib", "test")}
-        random_net = self._random_net_features(dm, splits)
+        random_net = self._random_net_features(dm)
         probes: dict[str, dict[str, tuple[Any, bool]]] = {}
         for name, cfg in self.loss_configs.items():
             probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks}
@@ -231,27 +231,20 @@ class ValueProbe(L.LightningModule):
         w64, b64 = w.double().cpu().numpy(), b.double().cpu().numpy()
         return lambda x: np.asarray(x, dtype=np.float64) @ w64.T + b64
 
-    def _random_net_features(self, dm: Any, splits: Mapping[str, Split]):
-        """Standardised activations of a randomly initialised copy of the agent (the random-network floor)."""
-        agent = getattr(dm, "agent", None)
-        if agent is None or splits["train"].obs is None:
+    def _random_net_features(self, dm: Any):
+        """Standardised activations, at the primary hook point, of a randomly initialised copy of the agent
+        (the random-network floor): one forward pass over every cached state, indexed per split."""
+        agent, cache = getattr(dm, "agent", None), getattr(dm, "cache", None)
+        if agent is None or cache is None:
             return None
         torch.manual_seed(self.hparams.eval_seed)
         fresh = ActorCritic(**agent.config).eval()
-        shape = tuple(agent.config["obs_shape"])
-        feats = {}
-        for name in ("train", "calib", "test"):
-            s = splits[name]
-            now = hook_features(fresh, s.obs.reshape(-1, *shape), self.hooks)
-            nxt = hook_features(fresh, s.obs_next.reshape(-1, *shape), self.hooks) if name != "calib" else None
-            feats[name] = (now, nxt)
-        out = {}
-        for h in self.hooks:
-            mean, std = feats["train"][0][h].mean(0), feats["train"][0][h].std(0)
-            std[std < 1e-8] = 1.0
-            z = lambda a: (a - mean) / std  # noqa: E731
-            out[h] = (z(feats["train"][0][h]), z(feats["train"][1][h]), z(feats["calib"][0][h]), z(feats["test"][0][h]), z(feats["test"][1][h]))
-        return out
+        feats = hook_features(fresh, cache.column("obs"), [self.primary_hook])[self.primary_hook]
+        rows = {name: dm.split_rows(name) for name in ("train", "calib", "test")}
+        mean, std = feats[rows["train"]].mean(0), feats[rows["train"]].std(0)
+        std[std < 1e-8] = 1.0
+        z = (feats - mean) / std
+        return {self.primary_hook: (z[rows["train"]], z[rows["train"] + 1], z[rows["calib"]], z[rows["test"]], z[rows["test"] + 1])}
 
     def _figure_data(self, splits: Mapping[str, Split], probes: Mapping[str, Mapping[str, tuple[Any, bool]]]) -> dict[str, Any]:
         """Predicted value against return on test states, and value traces along a few test episodes."""

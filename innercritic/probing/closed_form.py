@@ -34,8 +34,10 @@ _STD_FLOOR = 1e-8
 
 
 def _matrix(x: np.ndarray, name: str) -> np.ndarray:
-    """Return ``x`` as a 2-d float64 array (a 1-d input is one feature)."""
-    a = np.asarray(x, dtype=np.float64)
+    """Return ``x`` as a 2-d float array (a 1-d input is one feature): float32 stays float32, so the
+    O(n d^2) products of wide layers run at single precision; every solve is in float64."""
+    x = np.asarray(x)
+    a = x if x.dtype == np.float32 else np.asarray(x, dtype=np.float64)
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2:
@@ -100,8 +102,8 @@ def _ridge_path(xc: np.ndarray, yc: np.ndarray):
     """
     n, d = xc.shape
     primal = n >= d
-    evals, evecs = np.linalg.eigh(xc.T @ xc if primal else xc @ xc.T)
-    proj = evecs.T @ (xc.T @ yc if primal else yc)
+    evals, evecs = np.linalg.eigh((xc.T @ xc if primal else xc @ xc.T).astype(np.float64))
+    proj = evecs.T @ ((xc.T @ yc.astype(xc.dtype)).astype(np.float64) if primal else yc)
     floor = 1e-12 * max(float(evals.max(initial=0.0)), 1.0)
 
     def weights(alpha: float) -> np.ndarray:
@@ -109,7 +111,7 @@ def _ridge_path(xc: np.ndarray, yc: np.ndarray):
         # Directions the data do not span get weight 0 (the minimum-norm solution) instead of 1/0 at alpha = 0.
         inv = np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > floor)
         scaled = evecs @ (proj * inv)
-        return scaled if primal else xc.T @ scaled
+        return scaled if primal else (xc.T @ scaled.astype(xc.dtype)).astype(np.float64)
 
     return weights
 
@@ -136,8 +138,8 @@ def fit_ridge(
     if (x_cal is None) != (y_cal is None):
         raise ValueError("give both x_cal and y_cal, or neither")
 
-    x_mean, y_mean = a.mean(axis=0), t.mean()
-    xc, yc = a - x_mean, t - y_mean
+    x_mean, y_mean = a.mean(axis=0, dtype=np.float64), t.mean()
+    xc, yc = (a - x_mean).astype(a.dtype), t - y_mean
 
     path = _ridge_path(xc, yc)
 
@@ -175,11 +177,11 @@ def lstd_path(
     d = _vector(terminal, len(a), "terminal")
     if len(a) < 2:
         raise ValueError(f"need at least 2 samples, got {len(a)}")
-    ones = np.ones((len(a), 1))
+    ones = np.ones((len(a), 1), dtype=a.dtype)
     z = np.hstack([a, ones])
-    zn = np.hstack([an, ones])
-    mat = z.T @ (z - gamma * (1.0 - d)[:, None] * zn)
-    rhs = z.T @ r
+    zn = np.hstack([an.astype(a.dtype), ones])
+    mat = (z.T @ (z - (gamma * (1.0 - d)).astype(a.dtype)[:, None] * zn)).astype(np.float64)
+    rhs = (z.T @ r.astype(a.dtype)).astype(np.float64)
     eye = np.eye(z.shape[1])
 
     def solve(alpha: float) -> LinearValue:

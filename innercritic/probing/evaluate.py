@@ -182,13 +182,14 @@ def _linear_sources(x_tr, xn_tr, tr, x_ca, ca, gamma, rng) -> dict[str, tuple[Li
     d = x_tr.shape[1]
     direction = rng.standard_normal(d)
     out["random_dir"] = (LinearValue(w=direction / np.linalg.norm(direction), b=0.0, alpha=0.0), True)
-    centred = x_tr - x_tr.mean(0)
-    # Top principal component by power iteration on the Gram: no d x d eigendecomposition for wide layers.
-    v = rng.standard_normal(d)
-    for _ in range(100):
+    centred = (x_tr - x_tr.mean(0, dtype=np.float64)).astype(np.float32)
+    # Top principal component by power iteration at single precision: a floor needs the direction,
+    # not ten digits of it, and a d x d eigendecomposition per layer would cost more than the ceilings.
+    v = rng.standard_normal(d).astype(np.float32)
+    for _ in range(30):
         v = centred.T @ (centred @ v)
         v /= np.linalg.norm(v) + 1e-30
-    out["top_pc"] = (LinearValue(w=v, b=0.0, alpha=0.0), True)
+    out["top_pc"] = (LinearValue(w=v.astype(np.float64), b=0.0, alpha=0.0), True)
     return out
 
 

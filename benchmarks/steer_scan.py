@@ -1,0 +1,78 @@
+"""Wall time of a steering scan: 9 coefficients x 100 held-out maze episodes (target: under 2 minutes).
+
+The agent is the configs/ppo/maze.yaml network (small CNN 8-16-16, hidden 128, separate critic) on
+9x9 mazes with the cheese anywhere; the vector is the cheese vector (Mini et al. 2023, averaged over
+100 mazes) at ``encoder.block1.hook_out``, scanned over [-3, -2, -1, -0.5, 0, 0.5, 1, 2, 3] with
+``innercritic.steering.run_scan`` (every steered step also runs the unsteered forward pass, for the
+KL and the value change). With random weights (the default) the policy is near-uniform and most
+episodes run to the 324-step limit: the slowest case; ``--ckpt`` times a trained agent instead.
+
+    python benchmarks/steer_scan.py                  # prints a table, then one JSON line
+    python benchmarks/steer_scan.py --control        # also the matched random control (a second scan)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from _report import machine, report
+from innercritic.agents import ActorCritic, load_agent
+from innercritic.steering import cheese_vector, random_like, run_scan
+
+COEFFICIENTS = [-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0]
+HOOK = "encoder.block1.hook_out"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=100, help="episodes per coefficient")
+    parser.add_argument("--ckpt", default=None, help="agent checkpoint (default: the maze config's network, random weights)")
+    parser.add_argument("--control", action="store_true", help="also scan the matched-norm random control")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a second busy process cannot stall OpenMP workers)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.ckpt:
+        agent, env_info = load_agent(args.ckpt)
+        env_kwargs = {**dict(env_info.get("kwargs") or {}), "cheese": "anywhere", "num_levels": 0}
+    else:
+        torch.manual_seed(0)
+        agent = ActorCritic((3, 9, 9), 4, arch="small", separate_critic=True, channels=(8, 16, 16), hidden=128).eval()
+        env_kwargs = {"size": 9, "cheese": "anywhere"}
+
+    start = time.perf_counter()
+    vector = cheese_vector(agent, HOOK, env_kwargs, num_mazes=100, seed=0)
+    vector_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = run_scan(agent, "maze", env_kwargs, vector, COEFFICIENTS, episodes=args.episodes, seed=0)
+    scan_s = time.perf_counter() - start
+    steps = sum(row["length"] * row["episodes"] for row in rows)
+    figures = {
+        "coefficients": len(COEFFICIENTS),
+        "episodes_per_coefficient": args.episodes,
+        "vector_s": vector_s,
+        "scan_s": scan_s,
+        "env_steps": int(round(steps)),
+        "steps_per_s": steps / scan_s,
+        "mean_episode_length": steps / (len(rows) * args.episodes),
+        "under_2_min": vector_s + scan_s < 120.0,
+    }
+    if args.control:
+        start = time.perf_counter()
+        run_scan(agent, "maze", env_kwargs, random_like(vector, 0), [c for c in COEFFICIENTS if c != 0], episodes=args.episodes, seed=0)
+        figures["control_scan_s"] = time.perf_counter() - start
+        figures["total_with_control_s"] = vector_s + scan_s + figures["control_scan_s"]
+    figures["agent"] = args.ckpt or "random small CNN 8-16-16/128, separate critic"
+    figures["torch_threads"] = torch.get_num_threads()
+    figures["machine"] = machine()
+    report(figures, digits=3)
+
+
+if __name__ == "__main__":
+    main()

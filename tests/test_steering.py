@@ -1,0 +1,321 @@
+"""Activation steering: vectors, exact reproduction at coefficient 0, scans, errors, the CLI run.
+
+Everything runs on a tiny agent (small CNN, 4-8-8 channels, hidden 16) on 5x5 mazes, so the whole
+file takes seconds apart from one ``train.py test`` subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from innercritic.agents import ActorCritic, AddVector
+from innercritic.agents.checkpoint import AGENT_KIND
+from innercritic.steering import (
+    SteeringVector,
+    action_map,
+    action_map_figure,
+    activation_shape,
+    cheese_vector,
+    check_coefficients,
+    mean_difference,
+    normal_interval,
+    play_episodes,
+    probe_direction,
+    random_like,
+    run_scan,
+    summarise_episodes,
+    wilson_interval,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"size": 5, "cheese": "anywhere"}
+HOOK = "encoder.block1.hook_out"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_agent(seed: int = 0) -> ActorCritic:
+    torch.manual_seed(seed)
+    return ActorCritic((3, 5, 5), 4, arch="small", separate_critic=True, channels=(4, 8, 8), hidden=16).eval()
+
+
+def write_agent_ckpt(agent: ActorCritic, path: Path) -> Path:
+    """A checkpoint laid out as PPO.on_save_checkpoint writes it, which load_agent reads."""
+    env = {"spec": "maze", "kwargs": {"size": 5, "cheese": "top_right:3"}, "obs_shape": list(agent.obs_shape),
+           "num_actions": agent.num_actions, "obs_high": 1.0}
+    torch.save({"state_dict": {f"agent.{k}": v for k, v in agent.state_dict().items()},
+                "innercritic": {"kind": AGENT_KIND, "agent_config": agent.config, "env": env, "env_steps": 0, "gamma": 0.99}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def agent() -> ActorCritic:
+    return tiny_agent()
+
+
+@pytest.fixture(scope="module")
+def vector(agent) -> SteeringVector:
+    return cheese_vector(agent, HOOK, ENV, num_mazes=8, seed=0)
+
+
+# --------------------------------------------------------------------------- exact reproduction
+
+
+def assert_same_episodes(a: dict, b: dict) -> None:
+    assert len(a["trace"]) == len(b["trace"]) > 0
+    for sa, sb in zip(a["trace"], b["trace"]):
+        assert np.array_equal(sa["env"], sb["env"])
+        assert np.array_equal(sa["obs"], sb["obs"])
+        assert np.array_equal(sa["action"], sb["action"])
+    for key in ("return", "length", "success", "p_cheese", "p_top_right", "reached_decision", "first_move_cheese"):
+        assert np.array_equal(a[key], b[key]), key
+    # nan marks mazes without a decision square; equal_nan compares the rest bit for bit.
+    assert np.array_equal(a["pi_first_move_cheese"], b["pi_first_move_cheese"], equal_nan=True)
+
+
+def test_coefficient_zero_reproduces_unsteered_episodes_bit_for_bit(agent, vector):
+    # Two rounds of three envs: the reset seeds of the second round and the shared generator count too.
+    plain = play_episodes(agent, "maze", ENV, episodes=6, seed=3, num_envs=3, trace=True)
+    for positions in (None, [(1, 1), (2, 3)]):
+        zero = {HOOK: AddVector(vector.tensor, coeff=0.0, positions=positions)}
+        steered = play_episodes(agent, "maze", ENV, episodes=6, seed=3, interventions=zero, num_envs=3, trace=True)
+        assert_same_episodes(plain, steered)
+        assert np.all(steered["kl"] == 0) and np.all(steered["value_change"] == 0)
+    # run_scan's coefficient-0 row is the unsteered summary, exactly.
+    row = run_scan(agent, "maze", ENV, vector, [0.0], episodes=6, seed=3, num_envs=3)[0]
+    expected = summarise_episodes(plain)
+    for key, value in expected.items():
+        assert row[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(row[key])), key
+
+
+def test_a_large_vector_at_the_logits_takes_over_the_policy(agent):
+    push_right = SteeringVector(torch.tensor([0.0, 0.0, 0.0, 50.0]), "hook_logits", "test")
+    plain = play_episodes(agent, "maze", ENV, episodes=4, seed=0, trace=True)
+    steered = play_episodes(agent, "maze", ENV, episodes=4, seed=0, interventions={"hook_logits": AddVector(push_right.tensor, coeff=1.0)},
+                            trace=True)
+    assert all((step["action"] == 3).all() for step in steered["trace"])
+    assert not all((step["action"] == 3).all() for step in plain["trace"])
+    assert steered["kl"].min() > 1.0  # from near-uniform to near-deterministic: KL ~ log 4
+    assert np.all(steered["value_change"] == 0)  # the critic reads its own tower, untouched
+    rows = run_scan(agent, "maze", ENV, push_right, [-1.0, 0.0, 1.0], episodes=4, seed=0)
+    assert [r["coefficient"] for r in rows] == [-1.0, 0.0, 1.0]
+    assert rows[1]["kl"] == 0.0 and rows[2]["kl"] > 1.0
+    for row in rows:
+        for name in ("return", "success", "p_cheese", "p_top_right", "kl", "value_change", "length"):
+            assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"], name
+
+
+# --------------------------------------------------------------------------- bad input: one-line ValueErrors
+
+
+def one_line_error(fn, *match: str) -> str:
+    with pytest.raises(ValueError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    for m in match:
+        assert m in message, (m, message)
+    return message
+
+
+def test_bad_input_gets_a_one_line_error_naming_the_valid_choices(agent, vector):
+    wrong_shape = SteeringVector(torch.ones(5), HOOK, "test")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, wrong_shape, [1.0], episodes=2), "(5,)", "does not fit", HOOK, "(8, 5, 5)")
+    unknown = SteeringVector(torch.ones(8), "encoder.block9.hook_out", "test")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, unknown, [1.0], episodes=2), "unknown hook", "encoder.block1.hook_out")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, vector, [], episodes=2), "coefficients is empty")
+    one_line_error(lambda: check_coefficients([1.0, float("nan")]), "not finite")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, vector, [1.0], episodes=0), "episodes")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, vector, [1.0], episodes=2, positions=[(9, 0)]), "outside", "5x5")
+    hidden = SteeringVector(torch.ones(16), "encoder.hook_hidden", "test")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, hidden, [1.0], episodes=2, positions=[(0, 0)]), "positions need a spatial")
+
+
+def test_the_module_checks_its_arguments_before_scanning(agent, tmp_path):
+    from lightning_modules.steering import SteeringScan
+
+    ckpt = write_agent_ckpt(agent, tmp_path / "agent.ckpt")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), coefficients=[]), "coefficients is empty")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="magic"), "unknown vector_source", "cheese")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="file"), "vector_path")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), hook="encoder.blok1.hook_out", num_mazes=2).setup("test"),
+                   "unknown hook", "encoder.block1.hook_out")
+    other = SteeringVector(torch.ones(16), "encoder.hook_hidden", "test").save(tmp_path / "v.pt")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="file", vector_path=str(other)).setup("test"),
+                   "encoder.hook_hidden", "model.hook")
+    wrong = SteeringVector(torch.ones(3), HOOK, "test").save(tmp_path / "w.pt")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="file", vector_path=str(wrong)).setup("test"), "does not fit")
+    # A probe file: weight in standardised space and std, read weights-only, mapped to raw space.
+    shape = activation_shape(agent, HOOK)
+    w, std = torch.randn(2, math.prod(shape)), torch.rand(math.prod(shape)) + 0.5
+    torch.save({"weight": w, "std": std, "hook": HOOK}, tmp_path / "probe.pt")
+    scan = SteeringScan(agent_ckpt=str(ckpt), vector_source="probe", vector_path=str(tmp_path / "probe.pt"), probe_head=1, random_control=True)
+    scan.setup("test")
+    main, control = scan.vectors
+    assert main.source == "probe" and main.shape == shape and main.norm == pytest.approx(1.0)
+    assert torch.allclose(main.tensor.reshape(-1), (w[1] / std) / (w[1] / std).norm(), atol=1e-6)
+    assert control.source == "random" and control.norm == pytest.approx(main.norm, rel=1e-5)
+    assert scan.env_kwargs == {"size": 5, "cheese": "top_right:3"}
+
+
+# --------------------------------------------------------------------------- vectors
+
+
+def test_cheese_vector_is_the_mean_contrast_at_the_start(agent):
+    from innercritic.envs.factory import make_env
+    from innercritic.steering.vectors import VECTOR_SEED_OFFSET
+
+    v = cheese_vector(agent, HOOK, ENV, num_mazes=3, seed=5)
+    assert v.shape == activation_shape(agent, HOOK) == (8, 5, 5)
+    assert v.source == "cheese" and v.metadata["num_mazes"] == 3 and len(v.metadata["level_seeds"]) == 3
+    env = make_env("maze", 3, seed=VECTOR_SEED_OFFSET + 5, **ENV)
+    obs, _ = env.reset(seed=VECTOR_SEED_OFFSET + 5)
+    without = obs.copy()
+    without[:, 2] = 0  # the cheese channel
+    _, a = agent.run_with_cache(torch.from_numpy(obs), names=[HOOK])
+    _, b = agent.run_with_cache(torch.from_numpy(without), names=[HOOK])
+    assert torch.allclose(v.tensor, (a[HOOK] - b[HOOK]).mean(0), atol=1e-6)
+
+
+def test_save_load_round_trip_with_weights_only(vector, tmp_path):
+    path = vector.save(tmp_path / "sub" / "cheese.pt")
+    raw = torch.load(path, weights_only=True)  # plain tensors only: a user's file can run no code
+    assert set(raw) == {"vector", "meta_json"}
+    loaded = SteeringVector.load(path)
+    assert torch.equal(loaded.tensor, vector.tensor)
+    assert (loaded.hook, loaded.source, loaded.metadata) == (vector.hook, vector.source, vector.metadata)
+    torch.save({"something": torch.ones(2)}, tmp_path / "other.pt")
+    one_line_error(lambda: SteeringVector.load(tmp_path / "other.pt"), "not a steering vector file")
+    with pytest.raises(FileNotFoundError):
+        SteeringVector.load(tmp_path / "missing.pt")
+
+
+def test_random_control_matches_the_norm_and_is_reproducible(vector):
+    a, b, c = random_like(vector, 0), random_like(vector, 0), random_like(vector, 1)
+    assert a.shape == vector.shape and a.hook == vector.hook and a.source == "random"
+    assert a.norm == pytest.approx(vector.norm, rel=1e-6)
+    assert torch.equal(a.tensor, b.tensor) and not torch.equal(a.tensor, c.tensor)
+    cosine = float((a.tensor * vector.tensor).sum()) / (a.norm * vector.norm)
+    assert abs(cosine) < 0.5  # random in 200 dimensions: nearly orthogonal to the vector
+
+
+def test_probe_direction_is_w_over_std_in_raw_space():
+    g = torch.Generator().manual_seed(0)
+    w, std, mean = torch.randn(12, generator=g), torch.rand(12, generator=g) + 0.2, torch.randn(12, generator=g)
+    d = probe_direction(w, std, "encoder.hook_hidden", shape=(3, 4))
+    assert d.shape == (3, 4) and d.norm == pytest.approx(1.0)
+    probe = lambda x: float(w @ ((x - mean) / std))  # noqa: E731 - the probe in raw space
+    x = torch.randn(12, generator=g)
+    # Along d the probe grows at |w / std| per unit, the most any unit direction achieves.
+    rate = (probe(x + 0.1 * d.tensor.reshape(-1)) - probe(x)) / 0.1
+    assert rate == pytest.approx(float((w / std).norm()), rel=1e-4)
+    other = torch.randn(12, generator=g)
+    assert (probe(x + 0.1 * other / other.norm()) - probe(x)) / 0.1 < rate
+    one_line_error(lambda: probe_direction(w, std[:5], "h"), "12", "5")
+    one_line_error(lambda: probe_direction(torch.zeros(12), std, "h"), "zero")
+
+
+def test_mean_difference_of_two_sets():
+    a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    b = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 4.0]])
+    v = mean_difference(a, b, "encoder.hook_hidden")
+    assert torch.allclose(v.tensor, torch.tensor([2.0, 1.0]))
+    assert v.metadata == {"n_a": 2, "n_b": 3}
+    one_line_error(lambda: mean_difference(a, b[:, :1], "h"), "same per-state shape")
+
+
+def test_mean_difference_source_from_a_trajectory_cache(agent, tmp_path):
+    from innercritic.cache import TrajectoryCache, build_cache, make_request
+    from lightning_modules.steering import SteeringScan
+
+    request = make_request(agent, {"spec": "maze", "kwargs": {"size": 5, "cheese": "top_right:3"}, "gamma": 0.9}, versions=["policy"],
+                           episodes_per_version=4, hook_points=[HOOK], num_envs=4, episodes_per_shard=4)
+    build_cache(agent, request, tmp_path / "cache", progress=False)
+    ckpt = write_agent_ckpt(agent, tmp_path / "agent.ckpt")
+    scan = SteeringScan(agent_ckpt=str(ckpt), vector_source="mean_difference", cache_dir=str(tmp_path / "cache"), label_field="step",
+                        label_split=2.0, random_control=False)
+    scan.setup("test")
+    cache = TrajectoryCache(tmp_path / "cache")
+    step, last = cache.column("step"), cache.column("last")
+    high, low = np.flatnonzero((step >= 2) & ~last), np.flatnonzero((step < 2) & ~last)
+    acts = cache.column(f"act.{HOOK}").astype(np.float64)
+    expected = torch.from_numpy(acts[high].mean(0) - acts[low].mean(0)).float()
+    (vector,) = scan.vectors
+    assert vector.source == "mean_difference" and vector.shape == (8, 5, 5)
+    assert torch.allclose(vector.tensor, expected, atol=1e-6)
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="mean_difference", cache_dir=str(tmp_path / "cache"),
+                                        label_field="nope").setup("test"), "label_field", "return")
+
+
+def test_intervals():
+    p, lo, hi = wilson_interval(5, 10)
+    assert (p, round(lo, 4), round(hi, 4)) == (0.5, 0.2366, 0.7634)
+    assert wilson_interval(0, 20)[1] == 0.0 and 0 < wilson_interval(0, 20)[2] < 0.2
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    mean, lo, hi = normal_interval(np.array([1.0, 2.0, 3.0, 4.0]))
+    half = 1.959963984540054 * np.std([1, 2, 3, 4], ddof=1) / 2
+    assert (mean, lo, hi) == pytest.approx((2.5, 2.5 - half, 2.5 + half))
+
+
+def test_action_maps(agent, vector):
+    from innercritic.envs.factory import make_env
+
+    env = make_env("maze", 1, seed=0, **ENV)
+    env.reset(seed=0)
+    plain = action_map(agent, env, 0)
+    free = int((~env.walls(0)).sum())
+    assert plain.squares.shape == (free - 1, 2)  # every free square but the cheese
+    assert np.allclose(plain.probs.sum(1), 1.0) and plain.arrows.shape == (free - 1, 2)
+    fig, data = action_map_figure(agent, vector, 2.0, ENV, seed=0)
+    assert len(fig.axes) >= 3 and data["total_variation"].shape == (len(data["unsteered"].squares),)
+    push_up = SteeringVector(torch.tensor([50.0, 0.0, 0.0, 0.0]), "hook_logits", "test")
+    steered = action_map(agent, env, 0, {"hook_logits": AddVector(push_up.tensor)})
+    assert np.allclose(steered.arrows, [[-1.0, 0.0]] * len(steered.squares), atol=1e-6)  # every arrow points up
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_scan_writes_summary_rows_figures_and_wandb(agent, tmp_path):
+    ckpt = write_agent_ckpt(agent, tmp_path / "agent.ckpt")
+    root = tmp_path / "runs"
+    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("WANDB_MODE", None)  # the default (offline) is what is under test
+    cmd = [sys.executable, "train.py", "test", "-c", "configs/steer/maze.yaml", "--model.agent_ckpt", str(ckpt),
+           "--model.episodes", "6", "--model.num_mazes", "4", "--model.coefficients", "[-2, 0, 2]",
+           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = root / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    rows = summary["scan"]
+    assert [(r["source"], r["coefficient"]) for r in rows] == [(s, c) for s in ("cheese", "random") for c in (-2.0, 0.0, 2.0)]
+    for row in rows:
+        assert row["hook"] == HOOK and row["episodes"] == 6
+        for name in ("return", "success", "p_cheese", "p_top_right", "p_first_move_cheese", "kl", "value_change", "length"):
+            assert f"{name}_lo" in row and f"{name}_hi" in row, name
+    zero = [r for r in rows if r["coefficient"] == 0.0]
+    assert zero[0]["p_cheese"] == zero[1]["p_cheese"] and zero[0]["kl"] == 0.0
+    assert summary["config"]["model"]["hook"] == HOOK
+    assert summary["vectors"][1]["norm"] == pytest.approx(summary["vectors"][0]["norm"], rel=1e-5)
+    for name in ("steer_scan.png", "action_map_0.png", "action_map_1.png", "config.yaml", "steering_vector.pt"):
+        assert (run / name).is_file(), name
+    assert SteeringVector.load(run / "steering_vector.pt").source == "cheese"
+    with open(run / "metrics.csv") as f:
+        metrics = list(csv.DictReader(f))
+    assert len(metrics) == 3 and "steer/p_cheese" in metrics[0] and "steer/random/p_cheese" in metrics[0]
+    offline = list((root / "wandb").glob("offline-run-*"))
+    assert offline, "no offline W&B run"
+    assert list(offline[0].glob("files/media/images/steer/*.png")), "no images logged to W&B"
+    assert list(offline[0].glob("files/media/table/steer/*.table.json")), "no table logged to W&B"
+    assert list(offline[0].glob("files/media/table/steer/plot/*p_cheese*.table.json")), "no line chart of p_cheese logged to W&B"
