@@ -8,7 +8,13 @@ and the data behind three figures:
 - ``value_traces.png``: the probe's value along a few held-out episodes, with the return, the
   critic and (maze) the exact value overlaid;
 - ``per_layer.png``: R^2 against returns per hook point for every probe configuration, next to the
-  ridge and LSTD ceilings on the same layer, with the critic and the hook-free floors as lines.
+  ridge and LSTD ceilings on the same layer, with the critic and the hook-free floors as lines;
+- ``planning.png`` (when the run planned): success of each one-step-lookahead planner, the policy and
+  a random policy, with 95% intervals.
+
+It also writes each probe as plain tensors, ``probes/<config>@<hook>.pt`` (``weight`` (V, D) and
+``bias`` (V,) on standardised activations, ``mean``, ``std``, ``hook``, ``config``): the file
+``vector_source: probe`` of a steering scan reads.
 
 The figures are written on rank 0 only; the headline scalars go to every logger (the CSV copy too)
 under ``eval/<source>/<metric>``, the whole table to W&B as a table.
@@ -25,9 +31,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.summary import run_dir
 
-__all__ = ["ProbePlots", "draw_probe_figures"]
+__all__ = ["ProbePlots", "draw_probe_figures", "export_probes"]
 
-FIGURES = ("probe_vs_return", "value_traces", "per_layer")
 
 
 def _finite(x: Any) -> float:
@@ -99,6 +104,41 @@ def draw_probe_figures(results: Mapping[str, Any], out_dir: Path) -> dict[str, P
     paths["per_layer"] = out_dir / "per_layer.png"
     fig.savefig(paths["per_layer"], dpi=110)
     plt.close(fig)
+
+    planning = results.get("planning")
+    if planning:
+        fig, ax = plt.subplots(figsize=(1.3 * len(planning) + 2, 3.6))
+        names = [r["source"] for r in planning]
+        success = [r["success"] for r in planning]
+        err = [[r["success"] - r["success_lo"] for r in planning], [r["success_hi"] - r["success"] for r in planning]]
+        ax.bar(range(len(names)), success, yerr=err, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=15, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("success")
+        ax.set_title("one-step lookahead with each value source", fontsize=9)
+        fig.tight_layout()
+        paths["planning"] = out_dir / "planning.png"
+        fig.savefig(paths["planning"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def export_probes(pl_module: L.LightningModule, out_dir: Path) -> list[Path]:
+    """Every probe as plain tensors (see the module docstring), for steering along a probe's direction."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for config in pl_module.loss_configs:
+        for hook in pl_module.hooks:
+            w, b = pl_module.linear_map(config, hook)
+            tag = hook.replace(".", ":")
+            payload = {"weight": w.cpu(), "bias": b.cpu(), "mean": getattr(pl_module, f"mean@{tag}").cpu(),
+                       "std": getattr(pl_module, f"std@{tag}").cpu(), "hook": hook, "config": config}
+            path = out_dir / f"{config}@{hook}.pt"
+            torch.save(payload, path)
+            paths.append(path)
     return paths
 
 
@@ -116,7 +156,7 @@ def headline_scalars(table: Sequence[Mapping[str, Any]], version: str, hook: str
 
 
 class ProbePlots(L.Callback):
-    """Logs a value-probe run's figures (PNG + W&B images), table (W&B table) and headline scalars."""
+    """Logs a value-probe run's figures (PNG + W&B images), table (W&B table) and headline scalars; writes the probes."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._publish(trainer, pl_module, run_dir(trainer), trainer.global_step)
@@ -130,6 +170,7 @@ class ProbePlots(L.Callback):
         if not results or not results.get("table"):
             return
         paths = draw_probe_figures(results, out / "figures")
+        export_probes(pl_module, out / "probes")
         scalars = headline_scalars(results["table"], results["version_names"][0], results["figures"]["hook"])
         table = results["table"]
         columns = sorted({k for row in table for k in row}, key=lambda k: (k not in ("source", "hook", "version"), k))

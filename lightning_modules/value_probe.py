@@ -30,13 +30,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from innercritic.agents.networks import ActorCritic
+from innercritic.probing.closed_form import DEFAULT_ALPHAS, fit_ridge
 from innercritic.probing.evaluate import Split, evaluation_table, hook_features
+from innercritic.probing.planning import compare_planners, critic_value_fn, probe_value_fn
 from innercritic.probing.losses import LossConfig, probe_loss_terms
 
 __all__ = ["ValueProbe", "PROBE_KIND"]
 
 PROBE_KIND = "innercritic-value-probe"
 SLACK_HEADS = ("state", "linear")
+# Planning plays levels no collection seed reaches (collections draw seeds below 2**30).
+PLANNING_SEED_OFFSET = 1_500_000_001
 
 
 def _key(config: str, hook: str) -> str:
@@ -58,6 +62,8 @@ class ValueProbe(L.LightningModule):
         weight_decay: Adam weight decay on the heads.
         primary_hook: the hook point whose figures headline the summary; None: the last served hook point.
         eval_seed: seed of the evaluation's random floors (random direction, random network).
+        planning_episodes: when > 0, plan one step ahead with the first configuration's probe, ridge (both at
+            the primary hook point) and the critic on this many held-out episodes each, next to the policy.
         init_from: a probe checkpoint whose heads and standardisation start this run (fine-tuning).
     """
 
@@ -70,6 +76,7 @@ class ValueProbe(L.LightningModule):
         weight_decay: float = 0.0,
         primary_hook: str | None = None,
         eval_seed: int = 0,
+        planning_episodes: int = 0,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -224,7 +231,29 @@ class ValueProbe(L.LightningModule):
             probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks}
         table = evaluation_table(splits["train"], splits["calib"], splits["test"], self.gamma, dm.version_names,
                                  probes=probes, random_net=random_net, seed=self.hparams.eval_seed)
-        return {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names)}
+        out = {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names)}
+        if self.hparams.planning_episodes > 0 and getattr(dm, "agent", None) is not None:
+            out["planning"] = self._plan(dm, splits["train"], splits["calib"])
+        return out
+
+    def _plan(self, dm: Any, train: Split, calib: Split) -> list[dict[str, Any]]:
+        """One-step lookahead with the probe, ridge and the critic, next to the policy and a random policy."""
+        hook, agent = self.primary_hook, dm.agent
+        tag = hook.replace(".", ":")
+        mean, std = getattr(self, f"mean@{tag}").cpu(), getattr(self, f"std@{tag}").cpu()
+        first = next(iter(self.loss_configs))
+        w, b = self.linear_map(first, hook)
+        tr, ca = train.rows(0), calib.rows(0)
+        ridge = fit_ridge(train.x[hook][tr], train.ret[tr], DEFAULT_ALPHAS, calib.x[hook][ca], calib.ret[ca])
+        sources = {
+            f"probe:{first}": probe_value_fn(agent, hook, mean, std, w[0].cpu(), b[0].cpu()),
+            "ridge": probe_value_fn(agent, hook, mean, std, torch.from_numpy(ridge.w).float(), float(ridge.b)),
+            "critic": critic_value_fn(agent),
+        }
+        env = dm.request["env"]
+        return compare_planners(agent, env["spec"], env["kwargs"], sources, self.gamma,
+                                episodes=self.hparams.planning_episodes, seed=PLANNING_SEED_OFFSET + self.hparams.eval_seed,
+                                num_envs=min(100, self.hparams.planning_episodes))
 
     def _predictor(self, config: str, hook: str):
         w, b = self.linear_map(config, hook)
@@ -292,5 +321,7 @@ class ValueProbe(L.LightningModule):
             row = pick(f"probe:{name}", out["hook"])
             if row is not None:
                 out[f"probe:{name}/r2_return"] = row["r2_return"]
+        if "planning" in self.results:
+            out["planning"] = self.results["planning"]
         out["table"] = table
         return out

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from helpers import write_agent_checkpoint
 from innercritic.probing.closed_form import fit_lstd, fit_ridge
 from innercritic.probing.evaluate import Split
+from lightning_modules.steering import _probe_vector
 from lightning_modules.value_probe import ValueProbe
 from wandb_records import history_keys, run_file
 
@@ -227,7 +228,7 @@ def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
     root = tmp_path / "run"
     cmd = [sys.executable, "train.py", "fit", "-c", "configs/probe/maze.yaml", f"--data.agent_ckpt={agent}",
            f"--data.cache_dir={tmp_path / 'cache'}", "--data.episodes_per_version=12", "--data.num_envs=4",
-           "--data.progress=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={root}"]
+           "--data.progress=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", "--model.planning_episodes=4", f"--trainer.default_root_dir={root}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -242,8 +243,15 @@ def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
                        "mean", "time", "raw_obs", "random_net", "random_dir", "top_pc"}
     hooks = {r["hook"] for r in summary["table"]}
     assert hooks == {None, "encoder.block0.hook_out", "encoder.block1.hook_out", "encoder.hook_hidden"}
-    for name in ("probe_vs_return", "value_traces", "per_layer"):
+    for name in ("probe_vs_return", "value_traces", "per_layer", "planning"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000, name
+    assert [r["source"] for r in summary["planning"]] == ["probe:mc", "ridge", "critic", "policy", "random"]
+    assert all(0 <= r["success_lo"] <= r["success"] <= r["success_hi"] <= 1 for r in summary["planning"])
+    probe_file = run / "probes" / "mc@encoder.hook_hidden.pt"
+    payload = torch.load(probe_file, weights_only=True)
+    assert payload["weight"].shape == (3, 16) and payload["hook"] == "encoder.hook_hidden"
+    direction = _probe_vector(str(probe_file), "encoder.hook_hidden", 0, (16,))  # what a steering scan reads
+    assert direction.tensor.shape == (16,) and abs(direction.norm - 1.0) < 1e-5
     wandb_file = run_file(root / "wandb")
     keys = history_keys(wandb_file)
     assert {"eval/probe:mc/r2_return", "eval/ridge/r2_return", "train/loss"} <= keys, sorted(keys)[:40]
