@@ -10,11 +10,13 @@ WANDB_MODE says otherwise, so nothing waits on a network) sits in ``<default_roo
 
     python train.py fit -c configs/ppo/maze.yaml
     python train.py fit -c configs/ppo/maze.yaml --ckpt_path runs/ppo_maze/version_0/checkpoints/last.ckpt
+    python train.py loop -c configs/loop/maze.yaml    # the whole loop: train, collect, probe, plan, steer, report
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -58,4 +60,9 @@ def main(args: list[str] | None = None) -> InnerCriticCLI:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["loop"]:  # the whole research loop: every stage is a run of this same CLI
+        from loop import main as loop_main
+
+        loop_main(sys.argv[2:])
+    else:
+        main()

@@ -308,16 +308,18 @@ class TrajectoryDataModule(L.LightningDataModule):
         x, x_next = {}, {}
         for h in self.hooks:
             mean, std = self.stats[h]["mean"].numpy(), self.stats[h]["std"].numpy()
-            x[h] = (c.gather(f"act.{h}", rows).reshape(n, -1) - mean) / std
-            x_next[h] = (c.gather(f"act.{h}", rows + 1).reshape(n, -1) - mean) / std
+            d = self.feature_dims[h]
+            x[h] = (c.gather(f"act.{h}", rows).reshape(n, d) - mean) / std
+            x_next[h] = (c.gather(f"act.{h}", rows + 1).reshape(n, d) - mean) / std
         col = lambda name, r=rows: np.asarray(self._columns[name][r])  # noqa: E731
         exact = self.exact_values()
+        obs_dim = int(np.prod(self.agent.obs_shape))
         return Split(
             x=x, x_next=x_next, reward=col("reward"), terminal=col("terminal").astype(np.float32), ret=col("return"),
             value=col("value"), value_next=col("value", rows + 1), version=col("version").astype(np.int64),
             step=col("step").astype(np.int64), episode=col("episode").astype(np.int64),
             exact=None if exact is None else exact[rows],
-            obs=c.gather("obs", rows).reshape(n, -1), obs_next=c.gather("obs", rows + 1).reshape(n, -1))
+            obs=c.gather("obs", rows).reshape(n, obs_dim), obs_next=c.gather("obs", rows + 1).reshape(n, obs_dim))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from innercritic.agents.networks import ActorCritic
 from innercritic.probing.closed_form import DEFAULT_ALPHAS, fit_ridge
-from innercritic.probing.evaluate import Split, evaluation_table, hook_features
+from innercritic.probing.evaluate import Split, evaluation_table, fit_ceilings, hook_features
 from innercritic.probing.planning import compare_planners, critic_value_fn, probe_value_fn
 from innercritic.probing.losses import LossConfig, probe_loss_terms
 
@@ -39,6 +39,7 @@ __all__ = ["ValueProbe", "PROBE_KIND"]
 
 PROBE_KIND = "innercritic-value-probe"
 SLACK_HEADS = ("state", "linear")
+PENALTIES = ("match", "none")
 # Planning plays levels no collection seed reaches (collections draw seeds below 2**30).
 PLANNING_SEED_OFFSET = 1_500_000_001
 
@@ -62,6 +63,9 @@ class ValueProbe(L.LightningModule):
         weight_decay: Adam weight decay on the heads.
         primary_hook: the hook point whose figures headline the summary; None: the last served hook point.
         eval_seed: seed of the evaluation's random floors (random direction, random network).
+        penalty: ``match`` gives each supervised probe the L2 strength its closed-form counterpart chose on the
+            calibration split (ridge's for ``mc``, LSTD's for ``td``; per hook point and version), so the SGD
+            probe converges to that regularised optimum rather than overfitting a wide layer; ``none``: no penalty.
         planning_episodes: when > 0, plan one step ahead with the first configuration's probe, ridge (both at
             the primary hook point) and the critic on this many held-out episodes each, next to the policy.
         init_from: a probe checkpoint whose heads and standardisation start this run (fine-tuning).
@@ -76,6 +80,7 @@ class ValueProbe(L.LightningModule):
         weight_decay: float = 0.0,
         primary_hook: str | None = None,
         eval_seed: int = 0,
+        penalty: str = "match",
         planning_episodes: int = 0,
         init_from: str | None = None,
     ) -> None:
@@ -91,12 +96,15 @@ class ValueProbe(L.LightningModule):
             raise ValueError(f"model.slack_head {slack_head!r} is invalid; valid: {', '.join(SLACK_HEADS)}")
         if lr <= 0:
             raise ValueError(f"model.lr must be positive, got {lr}")
+        if penalty not in PENALTIES:
+            raise ValueError(f"model.penalty {penalty!r} is invalid; valid: {', '.join(PENALTIES)}")
         self.save_hyperparameters()
         self.heads = nn.ModuleDict()
         self.slacks = nn.ModuleDict()
         self.hooks: list[str] = []
         self.gamma = 0.99
         self.results: dict[str, Any] = {}
+        self.ceilings: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction and checkpoints
     def setup(self, stage: str) -> None:
@@ -132,11 +140,36 @@ class ValueProbe(L.LightningModule):
                         self.slacks[_key(name, hook)] = nn.Embedding(int(dm.num_states), V - 1, _weight=torch.zeros(int(dm.num_states), V - 1))
                     else:
                         self.slacks[_key(name, hook)] = nn.Linear(dm.feature_dims[hook], V - 1)
+        if self.hparams.penalty == "match" and hasattr(dm, "split_arrays") and any(c.supervised for c in self.loss_configs.values()):
+            self._match_penalties(dm)
         lo, hi = self.hparams.reward_range
         self.value_range = (min(lo, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else -np.inf,
                             max(hi, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else np.inf)
         if self.hparams.init_from:
             self._init_from(self.hparams.init_from)
+
+    def _match_penalties(self, dm: Any) -> None:
+        """L2 strengths per head from the closed forms' penalties: with a loss weight c on a batch mean over
+        all N train transitions, ridge's (and LSTD's) alpha corresponds to lambda = c * alpha / N."""
+        train, calib = dm.split_arrays("train"), dm.split_arrays("calib")
+        self.ceilings = fit_ceilings(train, calib, self.gamma, int(dm.num_versions))
+        # Start every supervised head's bias at its version's mean return: the optimum's intercept on
+        # standardised features, so Adam spends its steps on the weights rather than on a large offset.
+        means = torch.tensor([float(train.ret[train.version == i].mean()) if (train.version == i).any() else 0.0
+                              for i in range(int(dm.num_versions))])
+        for hook in self.hooks:
+            for name, cfg in self.loss_configs.items():
+                if cfg.supervised:
+                    with torch.no_grad():
+                        self.heads[_key(name, hook)].bias.copy_(means)
+        n = max(1, len(train.reward))
+        for hook in self.hooks:
+            fits = self.ceilings[hook]
+            alpha = {kind: torch.tensor([f[kind].alpha if kind in f else 0.0 for f in fits], dtype=torch.float32)
+                     for kind in ("ridge", "lstd")}
+            for name, cfg in self.loss_configs.items():
+                if cfg.supervised and not cfg.unit_norm:
+                    self.register_buffer(f"l2@{_key(name, hook)}", (cfg.mc * alpha["ridge"] + cfg.td * alpha["lstd"]) / n)
 
     def _init_from(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -145,7 +178,8 @@ class ValueProbe(L.LightningModule):
             raise ValueError(f"init_from {path!r} is not an InnerCritic value-probe checkpoint")
         state = ckpt["state_dict"]
         own = self.state_dict()
-        loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith("slacks.")}
+        # Slack variables belong to the old data's states and L2 strengths to its penalties: both start afresh.
+        loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(("slacks.", "l2@"))}
         if not any(k.startswith("heads.") for k in loaded):
             raise ValueError(f"init_from {path!r} holds heads for {meta.get('heads')}, none of which match this run's "
                              f"{sorted(self.heads.keys())} (same configuration name, hook point and number of versions)")
@@ -187,16 +221,21 @@ class ValueProbe(L.LightningModule):
         total = 0.0
         logs: dict[str, Tensor] = {}
         for hook in self.hooks:
-            xs, xn = self.standardise(hook, batch["x"][hook]), self.standardise(hook, batch["x_next"][hook])
+            xs = self.standardise(hook, batch["x"][hook])
+            xn = self.standardise(hook, batch["x_next"][hook]) if any(c.needs_next for c in self.loss_configs.values()) else None
             for name, cfg in self.loss_configs.items():
                 key = _key(name, hook)
                 slack = None
                 if key in self.slacks:
                     module = self.slacks[key]
                     slack = module(batch["state_index"]) if isinstance(module, nn.Embedding) else module(xs)
-                terms = probe_loss_terms(cfg, self.values(name, hook, xs), self.values(name, hook, xn), batch, self.gamma,
+                v_next = self.values(name, hook, xn) if cfg.needs_next else None
+                terms = probe_loss_terms(cfg, self.values(name, hook, xs), v_next, batch, self.gamma,
                                          slack=slack, value_range=self.value_range)
                 loss = sum(terms.values())
+                l2 = getattr(self, f"l2@{key}", None)
+                if l2 is not None:
+                    loss = loss + (l2 * self.heads[key].weight.pow(2).sum(1)).sum()
                 total = total + loss
                 if hook == self.primary_hook:
                     logs[f"{stage}/{name}/loss"] = loss.detach()
@@ -230,7 +269,7 @@ class ValueProbe(L.LightningModule):
         for name, cfg in self.loss_configs.items():
             probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks}
         table = evaluation_table(splits["train"], splits["calib"], splits["test"], self.gamma, dm.version_names,
-                                 probes=probes, random_net=random_net, seed=self.hparams.eval_seed)
+                                 probes=probes, random_net=random_net, seed=self.hparams.eval_seed, ceilings=self.ceilings)
         out = {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names)}
         if self.hparams.planning_episodes > 0 and getattr(dm, "agent", None) is not None:
             out["planning"] = self._plan(dm, splits["train"], splits["calib"])
@@ -244,7 +283,9 @@ class ValueProbe(L.LightningModule):
         first = next(iter(self.loss_configs))
         w, b = self.linear_map(first, hook)
         tr, ca = train.rows(0), calib.rows(0)
-        ridge = fit_ridge(train.x[hook][tr], train.ret[tr], DEFAULT_ALPHAS, calib.x[hook][ca], calib.ret[ca])
+        cal = calib if len(ca) >= 2 else train  # tiny runs: no calibration split to choose the penalty on
+        ca = cal.rows(0)
+        ridge = fit_ridge(train.x[hook][tr], train.ret[tr], DEFAULT_ALPHAS, cal.x[hook][ca], cal.ret[ca])
         sources = {
             f"probe:{first}": probe_value_fn(agent, hook, mean, std, w[0].cpu(), b[0].cpu()),
             "ridge": probe_value_fn(agent, hook, mean, std, torch.from_numpy(ridge.w).float(), float(ridge.b)),

@@ -300,3 +300,14 @@ def test_td_error_rejects_bad_inputs():
         normalised_td_error(np.zeros(3), np.zeros(3), np.zeros(2), np.zeros(3), 0.9)
     with pytest.raises(ValueError, match="at least 2"):
         normalised_td_error(np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1), 0.9)
+
+
+def test_lstd_on_wide_features_solves_the_same_system_through_its_dual():
+    rng = np.random.default_rng(3)
+    n, d, gamma, alpha = 30, 50, 0.9, 0.5
+    x, x_next, reward = rng.normal(size=(n, d)), rng.normal(size=(n, d)), rng.normal(size=n)
+    terminal = (rng.random(n) < 0.2).astype(float)
+    z, zn = np.hstack([x, np.ones((n, 1))]), np.hstack([x_next, np.ones((n, 1))])
+    primal = np.linalg.solve(z.T @ (z - gamma * (1 - terminal)[:, None] * zn) + alpha * np.eye(d + 1), z.T @ reward)
+    fitted = fit_lstd(x, x_next, reward, terminal, gamma, alpha=alpha)
+    assert np.allclose(fitted.w, primal[:-1], atol=1e-10) and abs(fitted.b - primal[-1]) < 1e-10

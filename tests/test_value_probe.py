@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from helpers import write_agent_checkpoint
-from innercritic.probing.closed_form import fit_lstd, fit_ridge
+from innercritic.probing.closed_form import fit_ridge
 from innercritic.probing.evaluate import Split
 from lightning_modules.steering import _probe_vector
 from lightning_modules.value_probe import ValueProbe
@@ -156,14 +156,27 @@ def test_sgd_probes_land_on_the_closed_forms_when_mc_and_td_disagree():
     dm = LinearValueData(noise=0.5, nonlinear=2.0, versions=1, episodes=200, dim=4, seed=1, batch_size=128)
     model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}}, lr=0.1)
     fit(model, dm, epochs=80)
+    # The closed forms with the penalties they chose on the calibration split: the SGD probes were given the
+    # matching L2 strength (penalty="match"), so each must land on its counterpart's regularised optimum.
+    ridge, lstd = model.ceilings[HOOK][0]["ridge"], model.ceilings[HOOK][0]["lstd"]
     tr = dm.split_arrays("train")
-    ridge = fit_ridge(tr.x[HOOK], tr.ret, alphas=(0.0,))
-    lstd = fit_lstd(tr.x[HOOK], tr.x_next[HOOK], tr.reward, tr.terminal, dm.gamma, alpha=0.0)
+    unregularised = fit_ridge(tr.x[HOOK], tr.ret, alphas=(0.0,))
+    assert np.abs(ridge.w - unregularised.w).max() < 0.05, "a well-posed problem: the chosen penalty is mild"
     w_mc, b_mc = (t.numpy()[0] for t in model.linear_map("mc", HOOK))
     w_td, b_td = (t.numpy()[0] for t in model.linear_map("td", HOOK))
     assert max(np.abs(lstd.w - ridge.w).max(), abs(lstd.b - ridge.b)) > 0.1, "the problem must separate the two optima for the test to mean anything"
     assert np.allclose(w_mc, ridge.w, atol=0.02) and abs(b_mc - ridge.b) < 0.02
     assert np.allclose(w_td, lstd.w, atol=0.02) and abs(b_td - lstd.b) < 0.02
+
+
+def test_on_a_wide_layer_with_few_episodes_the_matched_penalty_keeps_the_sgd_probe_on_ridge():
+    dm = LinearValueData(dim=80, versions=1, episodes=40, noise=1.0, nonlinear=1.0, seed=4, batch_size=64)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}}, lr=0.1)
+    fit(model, dm, epochs=100)
+    probe, ridge = row(model, "probe:mc"), row(model, "ridge")
+    assert ridge["alpha"] >= 1.0, "the calibration split asks for real regularisation here"
+    assert abs(probe["r2_return"] - ridge["r2_return"]) < 0.02, (probe["r2_return"], ridge["r2_return"])
+    assert abs(row(model, "probe:td")["r2_return"] - row(model, "lstd")["r2_return"]) < 0.02
 
 
 def test_unsupervised_probe_is_scaled_calibrated_and_judged_on_dominance():

@@ -180,13 +180,25 @@ def lstd_path(
     ones = np.ones((len(a), 1), dtype=a.dtype)
     z = np.hstack([a, ones])
     zn = np.hstack([an.astype(a.dtype), ones])
-    mat = (z.T @ (z - (gamma * (1.0 - d)).astype(a.dtype)[:, None] * zn)).astype(np.float64)
-    rhs = (z.T @ r.astype(a.dtype)).astype(np.float64)
-    eye = np.eye(z.shape[1])
+    diff = z - (gamma * (1.0 - d)).astype(a.dtype)[:, None] * zn
+    n, k = z.shape
+    if n >= k:
+        mat = (z.T @ diff).astype(np.float64)
+        rhs = (z.T @ r.astype(a.dtype)).astype(np.float64)
+        eye = np.eye(k)
 
-    def solve(alpha: float) -> LinearValue:
-        sol = np.linalg.solve(mat + alpha * eye, rhs)
-        return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
+        def solve(alpha: float) -> LinearValue:
+            sol = np.linalg.solve(mat + alpha * eye, rhs)
+            return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
+    else:
+        # Wider than long (a conv layer on a short dataset): the push-through identity
+        # (alpha I + Z^T D)^-1 Z^T = Z^T (alpha I + D Z^T)^-1 gives the same solution from an n x n system.
+        kernel = (diff @ z.T).astype(np.float64)
+        eye = np.eye(n)
+
+        def solve(alpha: float) -> LinearValue:
+            sol = (z.T @ np.linalg.solve(kernel + alpha * eye, r).astype(a.dtype)).astype(np.float64)
+            return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
 
     return solve
 

@@ -36,6 +36,7 @@ __all__ = [
     "Split",
     "aggregate",
     "evaluation_table",
+    "fit_ceilings",
     "hook_features",
     "maze_exact_values",
     "score",
@@ -163,10 +164,7 @@ def _row(source: str, hook: str | None, version: int, version_names: Sequence[st
     return {"source": source, "hook": hook, "version": version_names[version], **figures, **extra}
 
 
-def _linear_sources(x_tr, xn_tr, tr, x_ca, ca, gamma, rng) -> dict[str, tuple[LinearValue, bool]]:
-    """Fitted linear sources on one feature set: name -> (linear value, needs calibration)."""
-    out: dict[str, tuple[LinearValue, bool]] = {}
-    out["ridge"] = (fit_ridge(x_tr, tr.ret_, DEFAULT_ALPHAS, x_ca, ca.ret_), False)
+def _fit_lstd_on_calib(x_tr, xn_tr, tr, x_ca, ca, gamma) -> LinearValue | None:
     best, best_score = None, -np.inf
     lstd = lstd_path(x_tr, xn_tr, tr.reward_, tr.terminal_, gamma)
     for alpha in LSTD_ALPHAS:
@@ -177,8 +175,44 @@ def _linear_sources(x_tr, xn_tr, tr, x_ca, ca, gamma, rng) -> dict[str, tuple[Li
         s = r2(cand.predict(x_ca), ca.ret_) if len(x_ca) > 1 else -float(np.abs(cand.w).sum())
         if best is None or s > best_score:
             best, best_score = cand, s
-    if best is not None:
-        out["lstd"] = (best, False)
+    return best
+
+
+def _per_version(train: Split, calib: Split, test: Split, V: int) -> tuple[list[Split], list[tuple[_Rows, _Rows, _Rows]]]:
+    # A calibration split too small to fit a scale and offset (tiny runs) falls back to the train
+    # split, so every source is still scored; the rows then report the train episodes as labelled.
+    calib_or_train = [calib if len(calib.rows(i)) >= 2 else train for i in range(V)]
+    return calib_or_train, [(_Rows(train, train.rows(i)), _Rows(calib_or_train[i], calib_or_train[i].rows(i)),
+                             _Rows(test, test.rows(i))) for i in range(V)]
+
+
+def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int) -> dict[str, list[dict[str, LinearValue]]]:
+    """Ridge and LSTD per hook point and policy version, each penalty chosen on the calibration split.
+
+    ``{hook: [{"ridge": LinearValue, "lstd": LinearValue}, ...one per version]}`` (a version with
+    fewer than 2 train rows gets an empty dict). The probe module reads the chosen penalties to give
+    its SGD probes the same L2 strength, and hands the fits back to :func:`evaluation_table`.
+    """
+    calib_or_train, per_version = _per_version(train, calib, train, num_versions)
+    out: dict[str, list[dict[str, LinearValue]]] = {}
+    for hook in train.x:
+        out[hook] = []
+        for i, (tr, ca, _) in enumerate(per_version):
+            if len(tr.rows) < 2:
+                out[hook].append({})
+                continue
+            x_tr, xn_tr, x_ca = train.x[hook][tr.rows], train.x_next[hook][tr.rows], calib_or_train[i].x[hook][ca.rows]
+            fits = {"ridge": fit_ridge(x_tr, tr.ret_, DEFAULT_ALPHAS, x_ca, ca.ret_)}
+            lstd = _fit_lstd_on_calib(x_tr, xn_tr, tr, x_ca, ca, gamma)
+            if lstd is not None:
+                fits["lstd"] = lstd
+            out[hook].append(fits)
+    return out
+
+
+def _linear_sources(ceilings: Mapping[str, LinearValue], x_tr, rng) -> dict[str, tuple[LinearValue, bool]]:
+    """Fitted linear sources on one feature set: name -> (linear value, needs calibration)."""
+    out: dict[str, tuple[LinearValue, bool]] = {name: (lin, False) for name, lin in ceilings.items()}
     d = x_tr.shape[1]
     direction = rng.standard_normal(d)
     out["random_dir"] = (LinearValue(w=direction / np.linalg.norm(direction), b=0.0, alpha=0.0), True)
@@ -213,6 +247,7 @@ def evaluation_table(
     probes: Mapping[str, Mapping[str, tuple[Callable[[np.ndarray], np.ndarray], bool]]] | None = None,
     random_net: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None,
     seed: int = 0,
+    ceilings: Mapping[str, list[dict[str, LinearValue]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of figures for every value source, hook point and policy version on the test split.
 
@@ -225,20 +260,23 @@ def evaluation_table(
         random_net: ``{hook: (x_train, x_next_train, x_calib, x_test, x_next_test)}`` activations of a
             randomly initialised network (standardised), for the random-network floor.
         seed: seed of the random direction (and of the principal component's start).
+        ceilings: the output of :func:`fit_ceilings` on the same splits, when already computed.
     """
     rows: list[dict[str, Any]] = []
     V = len(version_names)
-    per_version = [(_Rows(train, train.rows(i)), _Rows(calib, calib.rows(i)), _Rows(test, test.rows(i))) for i in range(V)]
-    calib_episodes = [int(len(np.unique(calib.episode[ca.rows]))) for _, ca, _ in per_version]
+    calib_or_train, per_version = _per_version(train, calib, test, V)
+    if ceilings is None:
+        ceilings = fit_ceilings(train, calib, gamma, V)
+    calib_episodes = [int(len(np.unique(calib_or_train[i].episode[ca.rows]))) for i, (_, ca, _) in enumerate(per_version)]
 
     for hook in train.x:
         fitted: dict[str, list[LinearValue]] = {}
         for i, (tr, ca, te) in enumerate(per_version):
             if len(tr.rows) < 2 or len(te.rows) < 2:
                 continue
-            x_tr, xn_tr = train.x[hook][tr.rows], train.x_next[hook][tr.rows]
-            x_ca, x_te, xn_te = calib.x[hook][ca.rows], test.x[hook][te.rows], test.x_next[hook][te.rows]
-            for name, (lin, calibrate) in _linear_sources(x_tr, xn_tr, tr, x_ca, ca, gamma, np.random.default_rng(seed)).items():
+            x_tr = train.x[hook][tr.rows]
+            x_ca, x_te, xn_te = calib_or_train[i].x[hook][ca.rows], test.x[hook][te.rows], test.x_next[hook][te.rows]
+            for name, (lin, calibrate) in _linear_sources(ceilings[hook][i], x_tr, np.random.default_rng(seed)).items():
                 fitted.setdefault(name, []).append(lin)
                 pred, pred_next = lin.predict(x_te), lin.predict(xn_te)
                 extra: dict[str, Any] = {}
@@ -263,7 +301,8 @@ def evaluation_table(
                 rows.append(_row(name, hook, i, version_names, score(pred, pred_next, test, te.rows, gamma), **extra))
             if random_net and hook in random_net:
                 r_tr, rn_tr, r_ca, r_te, rn_te = random_net[hook]
-                lin = fit_ridge(r_tr[tr.rows], tr.ret_, DEFAULT_ALPHAS, r_ca[ca.rows], ca.ret_)
+                r_cal = r_ca if calib_or_train[i] is calib else r_tr
+                lin = fit_ridge(r_tr[tr.rows], tr.ret_, DEFAULT_ALPHAS, r_cal[ca.rows], ca.ret_)
                 rows.append(_row("random_net", hook, i, version_names,
                                  score(lin.predict(r_te[te.rows]), lin.predict(rn_te[te.rows]), test, te.rows, gamma)))
         # Dominance of the separately fitted per-version ceilings, on every test state.
@@ -288,7 +327,8 @@ def evaluation_table(
         rows.append(_row("time", None, i, version_names,
                          score(lin.predict(te.step_[:, None]), lin.predict(te.step_[:, None] + 1), test, te.rows, gamma)))
         if train.obs is not None and test.obs is not None and calib.obs is not None:
-            lin = fit_ridge(train.obs[tr.rows].astype(np.float64), tr.ret_, DEFAULT_ALPHAS, calib.obs[ca.rows].astype(np.float64), ca.ret_)
+            lin = fit_ridge(train.obs[tr.rows].astype(np.float64), tr.ret_, DEFAULT_ALPHAS,
+                            calib_or_train[i].obs[ca.rows].astype(np.float64), ca.ret_)
             nxt = lin.predict(test.obs_next[te.rows].astype(np.float64)) if test.obs_next is not None else None
             rows.append(_row("raw_obs", None, i, version_names,
                              score(lin.predict(test.obs[te.rows].astype(np.float64)), nxt, test, te.rows, gamma)))

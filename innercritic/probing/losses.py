@@ -75,6 +75,11 @@ class LossConfig:
         return self.td > 0 or self.mc > 0
 
     @property
+    def needs_next(self) -> bool:
+        """True when a term reads the value of s_{t+1} (td, terminal_zero): the others skip that forward pass."""
+        return self.td > 0 or self.terminal_zero > 0
+
+    @property
     def unit_norm(self) -> bool:
         return self.scale == "unit_norm" or (self.scale == "auto" and not self.supervised)
 
@@ -90,7 +95,7 @@ def _own(v: Tensor, version: Tensor) -> Tensor:
 def probe_loss_terms(
     cfg: LossConfig,
     v: Tensor,  # (B, V) every head at s_t
-    v_next: Tensor,  # (B, V) every head at s_{t+1}
+    v_next: Tensor | None,  # (B, V) every head at s_{t+1}; needed only when cfg.needs_next
     batch: Mapping[str, Tensor],  # reward, terminal, ret, version: (B,)
     gamma: float,
     slack: Tensor | None = None,  # (B, V-1) slack variables xi at s_t, when cfg.slack > 0

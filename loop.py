@@ -1,0 +1,281 @@
+"""The whole research loop in one command: train, collect, probe, evaluate, plan, steer, report.
+
+    python train.py loop -c configs/loop/maze.yaml
+
+Each stage is an ordinary run of ``train.py`` (so each has its own run folder, config.yaml,
+summary.json and offline W&B run, and can be rerun alone with the command the report prints):
+
+1. ``agent``: ``train.py fit`` with the PPO config, unless the loop folder already holds an agent
+   trained from the same config and arguments (reused) or ``agent_ckpt`` names one;
+   (a config may stop after any stage: without ``probe`` there is no probe or steer stage)
+2. ``probe``: ``train.py fit`` with the probe config once per seed (the seed sets the episode
+   split, the initialisation and the random floors); the first run collects the trajectory cache,
+   the others reuse it; the first also plans with the probe, ridge and the critic;
+3. ``steer``: ``train.py test`` with each steering config (the cheese vector against a random
+   control; the value probe's direction, read from the first probe run);
+4. ``report``: ``report.md`` with the headline figures (probe quality over seeds with its spread,
+   per-layer ceilings and floors, planning, steering scans), each beside the command that
+   regenerates it, and the figures copied into ``report/figures``.
+
+Progress: one line per stage with its wall time; each stage's own output goes to ``logs/<stage>.log``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from innercritic.probing.evaluate import aggregate
+
+__all__ = ["main", "run_loop", "write_report"]
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"loop config {str(path)!r} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    known = {"root", "agent", "probe", "steer"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"loop config {str(path)!r} has unknown section(s) {unknown}; valid: {sorted(known)}")
+    return config
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "train.py", *args]
+
+
+def _shown(cmd: Sequence[str]) -> str:
+    """A command as a reader would type it (python train.py ...)."""
+    return " ".join(["python", *[a if " " not in a else repr(a) for a in cmd[1:]]])
+
+
+def _latest_run(folder: Path) -> Path:
+    runs = sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not runs:
+        raise RuntimeError(f"no run folder under {folder}")
+    return runs[-1]
+
+
+class _Stages:
+    """Runs stages as subprocesses, logging each to logs/<name>.log and a progress line to stdout."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.commands: dict[str, str] = {}
+
+    def run(self, name: str, cmd: list[str]) -> None:
+        self.commands[name] = _shown(cmd)
+        print(f"[loop] {name}: {self.commands[name]}", flush=True)
+        start = time.perf_counter()
+        with open(self.logs / f"{name}.log", "w") as log:
+            done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.timings[name] = time.perf_counter() - start
+        if done.returncode != 0:
+            lines = (self.logs / f"{name}.log").read_text().strip().splitlines()
+            # The stage's own error, not the logger's teardown chatter printed after it.
+            cause = next((ln for ln in reversed(lines) if "Error" in ln or ln.startswith("error")), lines[-1] if lines else "(no output)")
+            raise RuntimeError(f"loop stage {name!r} failed (exit {done.returncode}): {cause.strip()} -- full log: {self.logs / (name + '.log')}")
+        print(f"[loop] {name}: done in {self.timings[name]:.0f} s", flush=True)
+
+
+def _agent(stages: _Stages, spec: dict[str, Any]) -> tuple[str, Path | None]:
+    """The agent checkpoint: given, reused from an identical earlier training, or trained now."""
+    if spec.get("agent_ckpt"):
+        return str(spec["agent_ckpt"]), None
+    config = spec.get("config", "configs/ppo/maze.yaml")
+    overrides = [str(a) for a in spec.get("args", [])]
+    folder = stages.root / "agent"
+    request = hashlib.sha256(json.dumps({"config": Path(ROOT / config).read_text(), "args": overrides}).encode()).hexdigest()
+    marker = folder / "request.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == request:
+        run = Path(json.loads(marker.read_text())["run"])
+        ckpt = run / "checkpoints" / "last.ckpt"
+        if ckpt.is_file():
+            print(f"[loop] agent: reusing {ckpt} (same config and arguments)", flush=True)
+            stages.commands["agent"] = _shown(_command("fit", "-c", config, f"--trainer.default_root_dir={folder}", *overrides))
+            return str(ckpt), run
+    stages.run("agent", _command("fit", "-c", config, f"--trainer.default_root_dir={folder}", *overrides))
+    run = _latest_run(folder)
+    marker.write_text(json.dumps({"sha256": request, "run": str(run)}))
+    return str(run / "checkpoints" / "last.ckpt"), run
+
+
+def run_loop(config_path: str | Path) -> Path:
+    """Run every stage of the loop described by a loop config; returns the report's path."""
+    config = _load(config_path)
+    root = Path(config.get("root", "runs/loop"))
+    if not root.is_absolute():
+        root = ROOT / root
+    stages = _Stages(root)
+    start = time.perf_counter()
+    agent_ckpt, agent_run = _agent(stages, config.get("agent", {}))
+
+    probe = config.get("probe") or {}
+    probe_config = probe.get("config", "configs/probe/maze.yaml")
+    seeds = [int(s) for s in probe.get("seeds", [0, 1, 2])] if probe else []
+    if probe and not seeds:
+        raise ValueError("loop config probe.seeds is empty; give at least one seed")
+    if config.get("steer") and not seeds:
+        raise ValueError("loop config has a steer section but no probe section: steering reads the probe runs")
+    probe_runs = []
+    for k, seed in enumerate(seeds):
+        folder = root / f"probe_seed{seed}"
+        args = ["fit", "-c", probe_config, f"--data.agent_ckpt={agent_ckpt}", f"--data.cache_dir={root / 'cache'}",
+                f"--seed_everything={seed}", f"--data.split_seed={seed}", f"--model.eval_seed={seed}",
+                f"--trainer.default_root_dir={folder}", *[str(a) for a in probe.get("args", [])]]
+        if k == 0 and probe.get("planning_episodes"):
+            args.append(f"--model.planning_episodes={int(probe['planning_episodes'])}")
+        stages.run(f"probe_seed{seed}", _command(*args))
+        probe_runs.append(_latest_run(folder))
+
+    steer_runs = {}
+    first_summary = json.loads((probe_runs[0] / "summary.json").read_text()) if probe_runs else {}
+    for name, spec in (config.get("steer") or {}).items():
+        folder = root / f"steer_{name}"
+        args = ["test", "-c", spec.get("config", "configs/steer/maze.yaml"), f"--model.agent_ckpt={agent_ckpt}",
+                f"--trainer.default_root_dir={folder}", *[str(a) for a in spec.get("args", [])]]
+        if spec.get("probe"):  # steer along a probe of the first probe run (default: at its headline hook point)
+            hook = spec.get("hook") or first_summary["hook"]
+            path = probe_runs[0] / "probes" / f"{spec['probe']}@{hook}.pt"
+            if not path.is_file():
+                raise ValueError(f"loop steer.{name}: no probe {spec['probe']!r} at {hook!r} in {probe_runs[0] / 'probes'}")
+            args += ["--model.vector_source=probe", f"--model.vector_path={path}", f"--model.hook={hook}"]
+        stages.run(f"steer_{name}", _command(*args))
+        steer_runs[name] = _latest_run(folder)
+
+    report = write_report(root, agent_run, probe_runs, steer_runs, stages.commands, stages.timings,
+                          time.perf_counter() - start, str(config_path))
+    print(f"[loop] report: {report}", flush=True)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+        return f"{x:.{digits}f}"
+    return "-"
+
+
+def _pm(row: dict[str, Any], key: str) -> str:
+    if key not in row or not isinstance(row[key], (int, float)) or not math.isfinite(row[key]):
+        return "-"
+    return f"{row[key]:.3f} ± {row.get(key + '_std', 0.0):.3f}"
+
+
+def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], steer_runs: dict[str, Path],
+                 commands: dict[str, str], timings: dict[str, float], wall_s: float, config_path: str) -> Path:
+    """report.md and report/figures/ from the stages' summary.json files and figures."""
+    out = root / "report"
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = ["# InnerCritic loop report", "", f"Regenerate everything: `python train.py loop -c {config_path}` "
+             f"(whole loop {wall_s / 60:.1f} min on this machine; stage times: "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ").", ""]
+
+    if agent_run is not None and (agent_run / "summary.json").is_file():
+        s = json.loads((agent_run / "summary.json").read_text())
+        lines += ["## Agent", "", f"`{commands.get('agent', '')}`", "",
+                  "| figure | value |", "|---|---|"]
+        for key in ("success_train_dist", "success_heldout", "p_cheese_heldout", "p_top_right_heldout", "mean_return", "env_steps", "wall_s"):
+            if key in s:
+                lines.append(f"| {key} | {_fmt(s[key]) if isinstance(s[key], float) else s[key]} |")
+        lines.append("")
+
+    summaries = [json.loads((run / "summary.json").read_text()) for run in probe_runs]
+    if not summaries:
+        path = out / "report.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    table = aggregate([s["table"] for s in summaries])
+    hook = summaries[0]["hook"]
+    policy = table[0]["version"] if table else "policy"
+    seeds = len(summaries)
+    lines += ["## Value probes", "",
+              f"Hook point headlined: `{hook}`; {seeds} seed(s) (episode split, initialisation, random floors); "
+              f"mean ± standard deviation over seeds, on the test episodes of the policy (`{policy}`).", "",
+              "Commands: " + "; ".join(f"`{commands[k]}`" for k in commands if k.startswith("probe_")), "",
+              "| source | hook | R² return | R² exact | Spearman return | TD error / Var(v) | calib. episodes |",
+              "|---|---|---|---|---|---|---|"]
+    order = {"probe": 0, "ridge": 1, "lstd": 2, "critic": 3}
+    rows = [r for r in table if r["version"] == policy and r["hook"] in (hook, None)]
+    rows.sort(key=lambda r: (order.get(r["source"].split(":")[0], 4), r["source"]))
+    for r in rows:
+        lines.append(f"| {r['source']} | {r['hook'] or '-'} | {_pm(r, 'r2_return')} | {_pm(r, 'r2_exact')} | "
+                     f"{_pm(r, 'spearman_return')} | {_pm(r, 'td_error')} | {_fmt(r.get('labelled_episodes'), 0)} |")
+    lines += ["", "Per layer (R² against returns, mean over seeds):", ""]
+    hooks = list(dict.fromkeys(r["hook"] for r in table if r["hook"] is not None))
+    sources = list(dict.fromkeys(r["source"] for r in table if r["hook"] is not None))
+    lines += ["| source | " + " | ".join(h.split(".", 1)[-1] for h in hooks) + " |", "|---|" + "---|" * len(hooks)]
+    for source in sources:
+        cells = []
+        for h in hooks:
+            r = next((x for x in table if x["source"] == source and x["hook"] == h and x["version"] == policy), None)
+            cells.append(_fmt(r.get("r2_return")) if r else "-")
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    dom = [r for r in table if r["source"].startswith("probe:") and r["hook"] == hook and "dominance" in r]
+    if dom:
+        lines += ["", "Dominance accuracy (fraction of test states where the policy's head exceeds the noisy version's):", ""]
+        lines += ["| probe | version | dominance |", "|---|---|---|"]
+        lines += [f"| {r['source']} | {r['version']} | {_pm(r, 'dominance')} |" for r in dom]
+    first_figs = probe_runs[0] / "figures"
+    for name in ("probe_vs_return", "value_traces", "per_layer", "planning"):
+        if (first_figs / f"{name}.png").is_file():
+            shutil.copy(first_figs / f"{name}.png", figures / f"{name}.png")
+            lines += ["", f"![{name}](figures/{name}.png)", f"Regenerate: `{commands.get(probe_runs[0].parent.name, '')}`"]
+    planning = summaries[0].get("planning")
+    if planning:
+        lines += ["", "## Planning (one-step lookahead)", "", "| source | success | 95% interval | return | agreement with the policy (policy's states) |",
+                  "|---|---|---|---|---|"]
+        for r in planning:
+            lines.append(f"| {r['source']} | {_fmt(r['success'])} | [{_fmt(r['success_lo'])}, {_fmt(r['success_hi'])}] | "
+                         f"{_fmt(r.get('return'))} | {_fmt(r.get('agree_policy_states'))} |")
+
+    for name, run in steer_runs.items():
+        s = json.loads((run / "summary.json").read_text())
+        scan = s.get("scan", [])
+        lines += ["", f"## Steering: {name}", "", f"`{commands.get('steer_' + name, '')}`", ""]
+        metrics = [m for m in ("p_cheese", "p_top_right", "success", "p_first_move_cheese", "kl", "value_change", "length") if scan and m in scan[0]]
+        lines += ["| source | coefficient | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        for r in scan:
+            cells = [f"{_fmt(r[m])} [{_fmt(r.get(m + '_lo'))}, {_fmt(r.get(m + '_hi'))}]" if m + "_lo" in r else _fmt(r[m]) for m in metrics]
+            lines.append(f"| {r.get('source', '')} | {_fmt(r.get('coefficient'), 2)} | " + " | ".join(cells) + " |")
+        for png in sorted(run.glob("*.png")):
+            target = figures / f"steer_{name}_{png.name}"
+            shutil.copy(png, target)
+            lines += ["", f"![{png.stem}](figures/{target.name})", f"Regenerate: `{commands.get('steer_' + name, '')}`"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python train.py loop -c CONFIG``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="train.py loop", description="Run the whole InnerCritic loop from a loop config.")
+    parser.add_argument("-c", "--config", required=True, help="a loop config, e.g. configs/loop/maze.yaml")
+    ns = parser.parse_args(args)
+    try:
+        run_loop(ns.config)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        sys.exit(f"error: {err}")  # one line: the stage logs keep the details

@@ -1,0 +1,99 @@
+"""The whole loop (``python train.py loop``) at tiny size: every stage runs, the report holds every
+section with the command beside each figure, a second run reuses the agent, bad configs fail clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wandb_records import run_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_AGENT = ["--data.env_kwargs.size=5", "--data.num_envs=8", "--data.num_steps=32", "--data.rollouts_per_epoch=2",
+              "--data.eval_episodes=4", "--data.eval_num_envs=4", "--model.num_minibatches=2", "--model.total_env_steps=512",
+              "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false"]
+TINY_PROBE = ["--data.episodes_per_version=8", "--data.num_envs=4", "--data.progress=false", "--trainer.max_epochs=1",
+              "--trainer.enable_progress_bar=false"]
+TINY_STEER = ["--model.coefficients=[-1,0,1]", "--model.episodes=4", "--model.num_mazes=4", "--trainer.enable_progress_bar=false"]
+
+
+def run_loop(config: dict, path: Path) -> subprocess.CompletedProcess:
+    path.write_text(yaml.safe_dump(config))
+    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "train.py", "loop", "-c", str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
+    config = {
+        "root": str(tmp_path / "loop"),
+        "agent": {"config": "configs/ppo/maze.yaml", "args": TINY_AGENT},
+        "probe": {"config": "configs/probe/maze.yaml", "seeds": [0, 1], "planning_episodes": 4, "args": TINY_PROBE},
+        "steer": {"cheese": {"config": "configs/steer/maze.yaml", "args": TINY_STEER},
+                  "value_probe": {"config": "configs/steer/maze.yaml", "probe": "mc", "hook": "encoder.block1.hook_out",
+                                  "args": TINY_STEER + ["--model.vector_norm=1.0"]}},
+    }
+    done = run_loop(config, tmp_path / "loop.yaml")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    root = tmp_path / "loop"
+    for stage in ("agent", "probe_seed0", "probe_seed1", "steer_cheese", "steer_value_probe"):
+        assert f"[loop] {stage}: done in" in done.stdout, stage
+        assert (root / "logs" / f"{stage}.log").is_file()
+        run_file(root / stage / "wandb")  # exactly one offline W&B run per stage
+    report = (root / "report" / "report.md").read_text()
+    for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: value_probe",
+                    "| probe:mc |", "| ridge |", "| lstd |", "| critic |", "| random_net |", "± "):
+        assert section in report, section
+    for line in report.splitlines():
+        if line.startswith("!["):
+            target = line.split("(", 1)[1].rstrip(")")
+            assert (root / "report" / target).stat().st_size > 1000, target
+    regenerate = [line for line in report.splitlines() if line.startswith("Regenerate:")]
+    assert regenerate and all("python train.py " in line for line in regenerate), "every figure names its command"
+
+    agent_only = {"root": config["root"], "agent": config["agent"]}
+    again = run_loop(agent_only, tmp_path / "again.yaml")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[loop] agent: reusing" in again.stdout and "[loop] agent: done in" not in again.stdout
+    retrained = run_loop({"root": config["root"], "agent": {**config["agent"], "args": TINY_AGENT + ["--seed_everything=3"]}},
+                         tmp_path / "other.yaml")
+    assert retrained.returncode == 0 and "[loop] agent: done in" in retrained.stdout, "other arguments train a new agent"
+
+
+def test_a_bad_loop_config_is_a_one_line_error(tmp_path):
+    done = run_loop({"root": str(tmp_path / "x"), "agnet": {}}, tmp_path / "bad.yaml")
+    assert done.returncode != 0
+    assert "unknown section(s) ['agnet']; valid: ['agent', 'probe', 'root', 'steer']" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name, agent_args, probe_args", [
+    ("minigrid_doorkey", ["--data.num_envs=4", "--data.num_steps=32", "--data.rollouts_per_epoch=2", "--data.eval_episodes=4",
+                          "--data.eval_num_envs=4", "--model.num_minibatches=2", "--model.total_env_steps=256"],
+     ["--data.episodes_per_version=6", "--data.num_envs=3"]),
+    ("breakout", ["--data.num_envs=2", "--data.num_steps=32", "--data.rollouts_per_epoch=2", "--data.eval_episodes=2",
+                  "--data.eval_num_envs=2", "--model.num_minibatches=2", "--model.total_env_steps=128"],
+     ["--data.episodes_per_version=2", "--data.num_envs=2"]),
+])
+def test_the_minigrid_and_breakout_loops_run_end_to_end(tmp_path, name, agent_args, probe_args):
+    shipped = yaml.safe_load((ROOT / "configs" / "loop" / f"{name}.yaml").read_text())
+    # A tiny run may see no reward at all, which leaves the mc probe exactly zero (no direction to steer
+    # along); the unsupervised probe has unit norm by construction.
+    config = {
+        "root": str(tmp_path / "loop"),
+        "agent": {**shipped["agent"], "args": agent_args + ["--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false"]},
+        "probe": {**shipped["probe"], "seeds": [0], "planning_episodes": 2 if name == "minigrid_doorkey" else 0,
+                  "args": probe_args + ["--data.progress=false", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]},
+        "steer": {k: {**v, "probe": "unsupervised", "args": ["--model.coefficients=[-1,0,1]", "--model.episodes=2", "--trainer.enable_progress_bar=false"]}
+                  for k, v in shipped["steer"].items()},
+    }
+    done = run_loop(config, tmp_path / "loop.yaml")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = (tmp_path / "loop" / "report" / "report.md").read_text()
+    for section in ("## Agent", "## Value probes", "| probe:mc |", "| ridge |", "## Steering: value_probe"):
+        assert section in report, section
+    assert ("## Planning" in report) == (name == "minigrid_doorkey")
