@@ -37,7 +37,7 @@ import yaml
 
 from innercritic.probing.evaluate import aggregate
 
-__all__ = ["main", "run_loop", "write_report"]
+__all__ = ["cheese_vector_verdict", "main", "run_loop", "write_report"]
 
 ROOT = Path(__file__).resolve().parent
 
@@ -59,8 +59,9 @@ def _command(*args: str) -> list[str]:
 
 
 def _shown(cmd: Sequence[str]) -> str:
-    """A command as a reader would type it (python train.py ...)."""
-    return " ".join(["python", *[a if " " not in a else repr(a) for a in cmd[1:]]])
+    """A command as a reader would type it from the repository root (python train.py ..., relative paths)."""
+    prefix = str(ROOT) + os.sep
+    return " ".join(["python", *[(a if " " not in a else repr(a)).replace(prefix, "") for a in cmd[1:]]])
 
 
 def _latest_run(folder: Path) -> Path:
@@ -182,6 +183,41 @@ def _pm(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f} ± {row.get(key + '_std', 0.0):.3f}"
 
 
+def cheese_vector_verdict(scan: Sequence[dict[str, Any]]) -> str | None:
+    """A plain statement of whether the published effect of subtracting the cheese vector (Mini et al.
+    2023: the agent ignores the cheese yet still solves mazes, heading for the top-right corner as in
+    training) shows in a scan, with the evidence. Decided on 95% intervals, never tuned: the effect
+    counts as reproduced when, at the most negative coefficient, P(reach cheese) falls below the
+    unsteered interval, the matched random vector's does not, and P(reach the top-right corner) does
+    not fall below the unsteered interval."""
+    cheese = {r["coefficient"]: r for r in scan if r.get("source") == "cheese" and "p_cheese" in r}
+    control = {r["coefficient"]: r for r in scan if r.get("source") == "random" and "p_cheese" in r}
+    negative = [c for c in cheese if c < 0]
+    if 0 not in cheese or not negative:
+        return None
+    c = min(negative)
+    base, steered, ctrl = cheese[0], cheese[c], control.get(c)
+
+    def show(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.2f} [{row[key + '_lo']:.2f}, {row[key + '_hi']:.2f}]"
+
+    drop = steered["p_cheese_hi"] < base["p_cheese_lo"]
+    control_drop = ctrl is not None and ctrl["p_cheese_hi"] < base["p_cheese_lo"]
+    corner_kept = steered["p_top_right_hi"] >= base["p_top_right_lo"]
+    if drop and not control_drop and corner_kept:
+        verdict = "**reproduces**"
+    elif drop and not control_drop:
+        verdict = "**reproduces only in part** (the cheese is ignored, but the agent also reaches the top-right corner less often)"
+    elif drop:
+        verdict = "**does not reproduce as a cheese-specific effect** (a random vector of the same norm lowers P(cheese) as much)"
+    else:
+        verdict = "**does not reproduce** (P(reach cheese) does not fall below the unsteered interval)"
+    evidence = (f"At coefficient {c:g}: P(reach cheese) {show(steered, 'p_cheese')} against {show(base, 'p_cheese')} "
+                f"unsteered" + (f" and {show(ctrl, 'p_cheese')} for the random control" if ctrl else "") +
+                f"; P(reach the top-right corner) {show(steered, 'p_top_right')} against {show(base, 'p_top_right')} unsteered.")
+    return f"Subtracting the cheese vector: the published effect {verdict}. {evidence}"
+
+
 def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], steer_runs: dict[str, Path],
                  commands: dict[str, str], timings: dict[str, float], wall_s: float, config_path: str) -> Path:
     """report.md and report/figures/ from the stages' summary.json files and figures."""
@@ -254,6 +290,9 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
         s = json.loads((run / "summary.json").read_text())
         scan = s.get("scan", [])
         lines += ["", f"## Steering: {name}", "", f"`{commands.get('steer_' + name, '')}`", ""]
+        verdict = cheese_vector_verdict(scan)
+        if verdict:
+            lines += [verdict, ""]
         metrics = [m for m in ("p_cheese", "p_top_right", "success", "p_first_move_cheese", "kl", "value_change", "length") if scan and m in scan[0]]
         lines += ["| source | coefficient | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
         for r in scan:

@@ -97,3 +97,25 @@ def test_the_minigrid_and_breakout_loops_run_end_to_end(tmp_path, name, agent_ar
     for section in ("## Agent", "## Value probes", "| probe:mc |", "| ridge |", "## Steering: value_probe"):
         assert section in report, section
     assert ("## Planning" in report) == (name == "minigrid_doorkey")
+
+
+def _row(source: str, c: float, p_cheese: tuple[float, float, float], p_top_right: tuple[float, float, float]) -> dict:
+    return {"source": source, "coefficient": c, "p_cheese": p_cheese[0], "p_cheese_lo": p_cheese[1], "p_cheese_hi": p_cheese[2],
+            "p_top_right": p_top_right[0], "p_top_right_lo": p_top_right[1], "p_top_right_hi": p_top_right[2]}
+
+
+def test_the_cheese_vector_verdict_follows_the_intervals_it_quotes():
+    from loop import cheese_vector_verdict
+
+    base = _row("cheese", 0, (0.6, 0.5, 0.7), (0.3, 0.2, 0.4))
+    ignores = _row("cheese", -2, (0.2, 0.13, 0.29), (0.45, 0.35, 0.55))
+    control = _row("random", -2, (0.58, 0.48, 0.68), (0.3, 0.2, 0.4))
+    assert "**reproduces**" in cheese_vector_verdict([base, ignores, control])
+    assert "0.20 [0.13, 0.29] against 0.60 [0.50, 0.70]" in cheese_vector_verdict([base, ignores, control])
+    control_too = _row("random", -2, (0.2, 0.12, 0.3), (0.3, 0.2, 0.4))
+    assert "does not reproduce as a cheese-specific effect" in cheese_vector_verdict([base, ignores, control_too])
+    lost = _row("cheese", -2, (0.2, 0.13, 0.29), (0.05, 0.01, 0.1))
+    assert "reproduces only in part" in cheese_vector_verdict([base, lost, control])
+    nothing = _row("cheese", -2, (0.55, 0.45, 0.65), (0.3, 0.2, 0.4))
+    assert "**does not reproduce** (P(reach cheese)" in cheese_vector_verdict([base, nothing, control])
+    assert cheese_vector_verdict([base]) is None, "no negative coefficient: nothing to judge"

@@ -24,8 +24,8 @@ from innercritic.probing.planning import (
     lookahead_q,
     plan_actions,
     probe_value_fn,
-    wilson_interval,
 )
+from innercritic.stats import wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -336,9 +336,9 @@ def test_compare_planners_rows_are_complete_and_deterministic():
 
 
 def test_wilson_interval_known_values():
-    lo, hi = wilson_interval(0, 10)
+    _, lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson_interval(5, 10)
+    _, lo, hi = wilson_interval(5, 10)
     assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
 

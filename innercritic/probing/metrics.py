@@ -96,7 +96,8 @@ def normalised_td_error(
     delta = v_ - r - gamma * (1.0 - d) * vn
     mse = float(np.mean(delta**2))
     var = float(v_.var())
-    if var == 0.0:
+    # A constant prediction (up to float rounding) has no scale to normalise by.
+    if var <= 1e-12 * max(1.0, float(np.mean(v_**2))):
         return 0.0 if mse == 0.0 else float("inf")
     return mse / var
 

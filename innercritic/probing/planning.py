@@ -51,6 +51,7 @@ from torch import Tensor
 
 from innercritic.agents.noisy import PolicyVersion
 from innercritic.envs.factory import make_env
+from innercritic.stats import Z95, normal_interval, wilson_interval
 
 if TYPE_CHECKING:
     from innercritic.probing.closed_form import LinearValue, Standardiser
@@ -67,12 +68,10 @@ __all__ = [
     "lookahead_q",
     "plan_actions",
     "probe_value_fn",
-    "wilson_interval",
 ]
 
 ValueFn = Callable[[Tensor], Tensor]
 TIE_BREAKS = ("lowest", "policy")
-_Z95 = 1.959963984540054
 _POLICY = PolicyVersion("policy")
 
 
@@ -334,28 +333,7 @@ def _run_episodes(
     return {k: np.concatenate([rd[k] for rd in rounds]) for k in rounds[0]}
 
 
-def wilson_interval(successes: float, trials: float, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (``trials`` may be an effective, non-integer count)."""
-    if trials <= 0:
-        return math.nan, math.nan
-    p = successes / trials
-    denom = 1.0 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    # Clamped to contain p: rounding would otherwise put the bound a few ulps past it at p = 0 or 1.
-    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
-
-
-def _mean_interval(x: np.ndarray, z: float = _Z95) -> tuple[float, float, float]:
-    x = np.asarray(x, np.float64)
-    m = float(x.mean())
-    if len(x) < 2:
-        return m, math.nan, math.nan
-    half = z * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return m, m - half, m + half
-
-
-def _agreement(hits: np.ndarray, steps: np.ndarray, z: float = _Z95) -> tuple[float, float, float]:
+def _agreement(hits: np.ndarray, steps: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
     """Fraction of all decisions that agree, with a Wilson interval on an effective sample size.
 
     Decisions within an episode are correlated, so a Wilson interval over all of them would be too
@@ -372,7 +350,7 @@ def _agreement(hits: np.ndarray, steps: np.ndarray, z: float = _Z95) -> tuple[fl
     if k >= 2 and 0.0 < p < 1.0:
         var = k / (k - 1) * float(((hits - p * steps) ** 2).sum()) / total**2
         n_eff = total if var == 0 else min(total, max(float(k), p * (1 - p) / var))
-    lo, hi = wilson_interval(p * n_eff, n_eff, z)
+    _, lo, hi = wilson_interval(p * n_eff, n_eff, z)
     return p, lo, hi
 
 
@@ -381,14 +359,14 @@ def _summary(ep: dict[str, np.ndarray], maze: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"episodes": n}
     k = float(ep["success"].sum())
     out["success"] = k / n
-    out["success_lo"], out["success_hi"] = wilson_interval(k, n)
+    _, out["success_lo"], out["success_hi"] = wilson_interval(k, n)
     for name in ("return", "length"):
-        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = _mean_interval(ep[name])
+        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = normal_interval(ep[name])
     if maze:
         out["p_cheese"], out["p_cheese_lo"], out["p_cheese_hi"] = out["success"], out["success_lo"], out["success_hi"]
         k = float(ep["top_right"].sum())
         out["p_top_right"] = k / n
-        out["p_top_right_lo"], out["p_top_right_hi"] = wilson_interval(k, n)
+        _, out["p_top_right_lo"], out["p_top_right_hi"] = wilson_interval(k, n)
     return out
 
 

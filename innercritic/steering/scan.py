@@ -44,6 +44,7 @@ from innercritic.agents.hooks import AddVector, HookedModule
 from innercritic.agents.noisy import PolicyVersion
 from innercritic.envs.factory import env_family, make_env
 from innercritic.envs.maze_values import decision_square, first_move_toward
+from innercritic.stats import normal_interval, wilson_interval
 from innercritic.steering.vectors import SteeringVector, check_vector
 
 __all__ = [
@@ -61,34 +62,10 @@ __all__ = [
 # Scan levels come from a seed range neither training (small seeds), PPO evaluation
 # (1_000_000_007 + ...) nor vector construction (3_000_000_019 + ...) draws from.
 HELDOUT_SEED_OFFSET = 2_000_000_011
-Z95 = 1.959963984540054
 POLICY = PolicyVersion("policy")  # scans sample the (steered) policy itself, no noise
 
 PROPORTION_METRICS = ("success", "p_cheese", "p_top_right", "p_first_move_cheese")
 MEAN_METRICS = ("return", "length", "kl", "value_change", "pi_first_move_cheese")
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float, float]:
-    """(proportion, lower, upper) with the Wilson score interval; nan for n = 0."""
-    if n <= 0:
-        return math.nan, math.nan, math.nan
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
-
-
-def normal_interval(values: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
-    """(mean, mean - z SE, mean + z SE) over independent values; nan bounds below 2 values."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan, math.nan
-    se = float(values.std(ddof=1)) / math.sqrt(values.size)
-    return mean, mean - z * se, mean + z * se
 
 
 def check_coefficients(coefficients: Sequence[float]) -> list[float]:
