@@ -140,28 +140,32 @@ class ValueProbe(L.LightningModule):
                         self.slacks[_key(name, hook)] = nn.Embedding(int(dm.num_states), V - 1, _weight=torch.zeros(int(dm.num_states), V - 1))
                     else:
                         self.slacks[_key(name, hook)] = nn.Linear(dm.feature_dims[hook], V - 1)
-        if self.hparams.penalty == "match" and hasattr(dm, "split_arrays") and any(c.supervised for c in self.loss_configs.values()):
-            self._match_penalties(dm)
+        if hasattr(dm, "split_arrays") and any(c.supervised for c in self.loss_configs.values()):
+            train, calib = dm.split_arrays("train"), dm.split_arrays("calib")
+            self._start_biases(train, V)
+            if self.hparams.penalty == "match":
+                self._match_penalties(train, calib, V)
         lo, hi = self.hparams.reward_range
         self.value_range = (min(lo, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else -np.inf,
                             max(hi, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else np.inf)
         if self.hparams.init_from:
             self._init_from(self.hparams.init_from)
 
-    def _match_penalties(self, dm: Any) -> None:
-        """L2 strengths per head from the closed forms' penalties: with a loss weight c on a batch mean over
-        all N train transitions, ridge's (and LSTD's) alpha corresponds to lambda = c * alpha / N."""
-        train, calib = dm.split_arrays("train"), dm.split_arrays("calib")
-        self.ceilings = fit_ceilings(train, calib, self.gamma, int(dm.num_versions))
-        # Start every supervised head's bias at its version's mean return: the optimum's intercept on
-        # standardised features, so Adam spends its steps on the weights rather than on a large offset.
+    def _start_biases(self, train: Split, num_versions: int) -> None:
+        """Every supervised head's bias starts at its version's mean return: the optimum's intercept on
+        standardised features, so Adam spends its steps on the weights rather than on a large offset."""
         means = torch.tensor([float(train.ret[train.version == i].mean()) if (train.version == i).any() else 0.0
-                              for i in range(int(dm.num_versions))])
+                              for i in range(num_versions)])
         for hook in self.hooks:
             for name, cfg in self.loss_configs.items():
                 if cfg.supervised:
                     with torch.no_grad():
                         self.heads[_key(name, hook)].bias.copy_(means)
+
+    def _match_penalties(self, train: Split, calib: Split, num_versions: int) -> None:
+        """L2 strengths per head from the closed forms' penalties: with a loss weight c on a batch mean over
+        all N train transitions, ridge's (and LSTD's) alpha corresponds to lambda = c * alpha / N."""
+        self.ceilings = fit_ceilings(train, calib, self.gamma, num_versions)
         n = max(1, len(train.reward))
         for hook in self.hooks:
             fits = self.ceilings[hook]

@@ -3,6 +3,7 @@ section with the command beside each figure, a second run reuses the agent, bad 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ TINY_STEER = ["--model.coefficients=[-1,0,1]", "--model.episodes=4", "--model.nu
 
 def run_loop(config: dict, path: Path) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(config))
-    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "train.py", "loop", "-c", str(path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env=env)
 

@@ -9,6 +9,7 @@ probe must then land on ridge's solution and the ``td`` probe on LSTD's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -243,7 +244,7 @@ def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
            f"--data.cache_dir={tmp_path / 'cache'}", "--data.episodes_per_version=12", "--data.num_envs=4",
            "--data.progress=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", "--model.planning_episodes=4", f"--trainer.default_root_dir={root}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     assert done.returncode == 0, done.stderr[-3000:]
     run = root / "version_0"
     summary = json.loads((run / "summary.json").read_text())
