@@ -311,3 +311,15 @@ def test_lstd_on_wide_features_solves_the_same_system_through_its_dual():
     primal = np.linalg.solve(z.T @ (z - gamma * (1 - terminal)[:, None] * zn) + alpha * np.eye(d + 1), z.T @ reward)
     fitted = fit_lstd(x, x_next, reward, terminal, gamma, alpha=alpha)
     assert np.allclose(fitted.w, primal[:-1], atol=1e-10) and abs(fitted.b - primal[-1]) < 1e-10
+
+
+def test_lstd_leaves_the_intercept_unpenalised_when_solved_in_its_primal():
+    rng = np.random.default_rng(5)
+    n, d, gamma, alpha = 200, 4, 0.9, 50.0
+    x, x_next, reward = rng.normal(size=(n, d)), rng.normal(size=(n, d)), rng.normal(size=n) + 3.0
+    terminal = (rng.random(n) < 0.2).astype(float)
+    z, zn = np.hstack([x, np.ones((n, 1))]), np.hstack([x_next, np.ones((n, 1))])
+    penalty = alpha * np.diag([1.0] * d + [0.0])
+    expected = np.linalg.solve(z.T @ (z - gamma * (1 - terminal)[:, None] * zn) + penalty, z.T @ reward)
+    fitted = fit_lstd(x, x_next, reward, terminal, gamma, alpha=alpha)
+    assert np.allclose(fitted.w, expected[:-1], atol=1e-10) and abs(fitted.b - expected[-1]) < 1e-10

@@ -27,8 +27,10 @@ __all__ = [
     "fit_ridge",
 ]
 
-#: Log grid of ridge penalties 1e-4 .. 1e4.
-DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-4, 4, 9))
+#: Log grid of ridge penalties 1e-4 .. 1e6. The top reaches past the number of samples, because wide
+#: layers on a few hundred correlated episodes choose penalties there (1e4 was the top choice on the
+#: default maze agent's conv layers before the grid was widened).
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-4, 6, 11))
 
 _STD_FLOOR = 1e-8
 
@@ -185,14 +187,18 @@ def lstd_path(
     if n >= k:
         mat = (z.T @ diff).astype(np.float64)
         rhs = (z.T @ r.astype(a.dtype)).astype(np.float64)
+        # The intercept goes unpenalised, as in ridge, so that a penalty chosen on calibration data shrinks
+        # the weights only (and semi-gradient TD with an L2 term on the weights has this same fixed point).
         eye = np.eye(k)
+        eye[-1, -1] = 0.0
 
         def solve(alpha: float) -> LinearValue:
             sol = np.linalg.solve(mat + alpha * eye, rhs)
             return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
     else:
         # Wider than long (a conv layer on a short dataset): the push-through identity
-        # (alpha I + Z^T D)^-1 Z^T = Z^T (alpha I + D Z^T)^-1 gives the same solution from an n x n system.
+        # (alpha I + Z^T D)^-1 Z^T = Z^T (alpha I + D Z^T)^-1 gives the solution from an n x n system; it
+        # needs the penalty on every coordinate, so here the intercept is penalised too.
         kernel = (diff @ z.T).astype(np.float64)
         eye = np.eye(n)
 
@@ -214,7 +220,8 @@ def fit_lstd(
     """LSTD(0) with an intercept: the linear value whose TD error is orthogonal to the features.
 
     With z = [x, 1] and z' = [x_next, 1]: A = Z^T (Z - gamma (1 - terminal) Z'), c = Z^T r,
-    [w, b] = solve(A + alpha I, c). ``terminal`` is 1 only at true terminations, so the value never
+    [w, b] = solve(A + alpha P, c) with P = diag(1, .., 1, 0) (unpenalised intercept; all ones when
+    n < d + 1, where the dual is solved). ``terminal`` is 1 only at true terminations, so the value never
     bootstraps through a terminal (x_next there is ignored); time-limit truncations must carry
     terminal = 0 with the real next state's features in ``x_next``, so it bootstraps through them.
     """

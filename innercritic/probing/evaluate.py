@@ -44,7 +44,7 @@ __all__ = [
 
 CEILINGS = ("ridge", "lstd", "critic")
 FLOORS = ("mean", "time", "raw_obs", "random_net", "random_dir", "top_pc")
-LSTD_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+LSTD_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
 @dataclass
