@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from innercritic.agents.networks import ActorCritic
 from innercritic.probing.closed_form import DEFAULT_ALPHAS, fit_ridge
-from innercritic.probing.evaluate import Split, evaluation_table, fit_ceilings, hook_features
+from innercritic.probing.evaluate import Split, calibrated, evaluation_table, fit_ceilings, hook_features
 from innercritic.probing.planning import compare_planners, critic_value_fn, probe_value_fn
 from innercritic.probing.losses import LossConfig, probe_loss_terms
 
@@ -328,11 +328,8 @@ class ValueProbe(L.LightningModule):
         rows = test.rows(0)
         pred = predict(test.x[self.primary_hook][rows])[:, 0]
         if unsupervised and len(calib.rows(0)) > 1:
-            from innercritic.probing.closed_form import fit_affine
-
             cal = calib.rows(0)
-            scale, offset = fit_affine(predict(calib.x[self.primary_hook][cal])[:, 0], calib.ret[cal])
-            pred = scale * pred + offset
+            (pred,) = calibrated(predict(calib.x[self.primary_hook][cal])[:, 0], calib.ret[cal], pred)
         episodes = list(dict.fromkeys(test.episode[rows].tolist()))[:4]
         traces = []
         for ep in episodes:

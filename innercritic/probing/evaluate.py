@@ -31,8 +31,7 @@ from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, fit_aff
 from innercritic.probing.metrics import dominance_accuracy, mse_over_var, normalised_td_error, pearson, r2, spearman
 
 __all__ = [
-    "CEILINGS",
-    "FLOORS",
+    "calibrated",
     "Split",
     "aggregate",
     "evaluation_table",
@@ -42,8 +41,6 @@ __all__ = [
     "score",
 ]
 
-CEILINGS = ("ridge", "lstd", "critic")
-FLOORS = ("mean", "time", "raw_obs", "random_net", "random_dir", "top_pc")
 LSTD_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
@@ -154,7 +151,9 @@ def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.
     return out
 
 
-def _calibrated(pred_cal: np.ndarray, target_cal: np.ndarray, *preds: np.ndarray | None) -> list[np.ndarray | None]:
+def calibrated(pred_cal: np.ndarray, target_cal: np.ndarray, *preds: np.ndarray | None) -> list[np.ndarray | None]:
+    """``preds`` mapped by the scale and offset that best fit ``pred_cal`` to ``target_cal`` (how
+    unsupervised sources are scored: fitted on calibration data, applied elsewhere)."""
     scale, offset = fit_affine(pred_cal, target_cal)
     return [None if p is None else scale * p + offset for p in preds]
 
@@ -281,7 +280,7 @@ def evaluation_table(
                 pred, pred_next = lin.predict(x_te), lin.predict(xn_te)
                 extra: dict[str, Any] = {}
                 if calibrate:
-                    pred, pred_next = _calibrated(lin.predict(x_ca), ca.ret_, pred, pred_next)
+                    pred, pred_next = calibrated(lin.predict(x_ca), ca.ret_, pred, pred_next)
                     extra["labelled_episodes"] = calib_episodes[i]
                 if name in ("ridge", "lstd"):
                     extra["alpha"] = lin.alpha
@@ -293,7 +292,7 @@ def evaluation_table(
                 pred, pred_next = predict(x_te)[:, i], predict(xn_te)[:, i]
                 extra = {}
                 if unsupervised:
-                    pred, pred_next = _calibrated(predict(x_ca)[:, i], ca.ret_, pred, pred_next)
+                    pred, pred_next = calibrated(predict(x_ca)[:, i], ca.ret_, pred, pred_next)
                     extra["labelled_episodes"] = calib_episodes[i]
                 if i > 0:
                     all_v = predict(test.x[hook])
