@@ -93,9 +93,10 @@ class InnerCriticTower(BaseFeaturesExtractor):
     """
 
     def __init__(self, observation_space: spaces.Box, arch: str = "small", channels: Sequence[int] | None = None,
-                 hidden: int | None = None, obs_scale: float = 1.0) -> None:
-        net = ActorCritic(tuple(observation_space.shape), 1, arch=arch, separate_critic=False,
-                          obs_scale=obs_scale, channels=channels, hidden=hidden)
+                 hidden: int | None = None, obs_scale: float = 1.0, agent_channel: int | None = None,
+                 egocentric: bool = False) -> None:
+        net = ActorCritic(tuple(observation_space.shape), 1, arch=arch, separate_critic=False, obs_scale=obs_scale,
+                          channels=channels, hidden=hidden, agent_channel=agent_channel, egocentric=egocentric)
         super().__init__(observation_space, net.hidden)
         self.encoder = net.encoder
         self.obs_scale = obs_scale

@@ -1,6 +1,6 @@
 """Trajectory collection throughput: states/s with activations of three hook points, against plain rollouts.
 
-For the maze (the configs/ppo/maze.yaml network: small CNN 8-16-16, hidden 128, separate critic, on
+For the maze (a small CNN 8-16-16, hidden 128, separate critic: the default network when its figures were recorded, on
 9x9 mazes) and for Breakout (the Nature CNN of configs/ppo/breakout.yaml), in the same process:
 
 - ``rollout_sps``: the agent's plain rollout, no activation capture and nothing stored: one forward

@@ -13,11 +13,11 @@ What it measures, for each trainer, over the same budget of env steps (``--steps
   under any policy.
 
 How the two are matched. Both train on ``CheeseMaze`` with the env, model and data settings of
-``configs/ppo/maze.yaml`` (size 9, cheese top_right:5, 64 envs x 128 steps, 3 epochs of 8
-minibatches of 1024, lr 5e-4 annealed linearly to 0 over the budget, Adam eps 1e-5, gamma 0.99,
-GAE lambda 0.95, clip 0.2, value clipping 0.2, entropy 0.01, value 0.5, grad norm 0.5,
-per-minibatch advantage normalisation), read from that file, with PPO's signature defaults for what it
-leaves out. Same network: SB3's ``ActorCriticPolicy`` gets the ``encoder`` of a fresh ``ActorCritic``
+``configs/ppo/maze.yaml`` (env, network, rollout shape, epochs, minibatches, learning rate annealed
+linearly to 0 over the budget, entropy, discount; Adam eps 1e-5, GAE lambda 0.95, clip 0.2, value
+clipping 0.2, value 0.5, grad norm 0.5, per-minibatch advantage normalisation from PPO's signature
+defaults), read from that file, with PPO's signature defaults for what it leaves out. Same network
+(the mouse-square features and the egocentric frame included when the config asks for them): SB3's ``ActorCriticPolicy`` gets the ``encoder`` of a fresh ``ActorCritic``
 as features extractor, a second one for the critic (``share_features_extractor=False``, ours
 ``separate_critic=True``) and ``net_arch=dict(pi=[], vf=[])``, so its heads are the single linear layers
 ours has; both use orthogonal init (gain sqrt 2, policy head 0.01, value head 1). The parameter
@@ -206,7 +206,8 @@ def run_sb3(settings: dict, steps: int, threshold: float, seed: int, warmup: int
         max_grad_norm=m["max_grad_norm"], target_kl=m["target_kl"], seed=seed, device="cpu", verbose=0,
         policy_kwargs=dict(
             features_extractor_class=InnerCriticTower,
-            features_extractor_kwargs=dict(arch=m["arch"], channels=m["channels"], hidden=m["hidden"], obs_scale=1.0 / obs_high),
+            features_extractor_kwargs=dict(arch=m["arch"], channels=m["channels"], hidden=m["hidden"], obs_scale=1.0 / obs_high,
+                                           agent_channel=m["agent_channel"], egocentric=m["egocentric"]),
             share_features_extractor=not m["separate_critic"],
             net_arch=dict(pi=[], vf=[]), ortho_init=True, optimizer_kwargs=optimizer_kwargs,
         ),

@@ -1,6 +1,6 @@
 """Wall time of a steering scan: 9 coefficients x 100 held-out maze episodes (target: under 2 minutes).
 
-The agent is the configs/ppo/maze.yaml network (small CNN 8-16-16, hidden 128, separate critic) on
+The agent is a small CNN 8-16-16, hidden 128, separate critic (the default network when its figures were recorded) on
 9x9 mazes with the cheese anywhere; the vector is the cheese vector (Mini et al. 2023, averaged over
 100 mazes) at ``encoder.block1.hook_out``, scanned over [-3, -2, -1, -0.5, 0, 0.5, 1, 2, 3] with
 ``innercritic.steering.run_scan`` (every steered step also runs the unsteered forward pass, for the

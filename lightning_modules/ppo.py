@@ -56,6 +56,7 @@ class PPO(L.LightningModule):
         channels: conv channels per layer/stage (None: the architecture's default).
         hidden: width of the last fully connected layer (None: the architecture's default).
         agent_channel: ``small`` only: also feed the features at the square this obs channel marks (maze mouse: 1).
+        egocentric: with ``agent_channel``: the dense layer reads the last conv features recentred on that square.
         total_env_steps: env steps (all ranks together) to train for; also the learning-rate schedule's length.
         lr: Adam learning rate at the start.
         anneal_lr: decay the learning rate linearly to 0 over ``total_env_steps``.
@@ -80,6 +81,7 @@ class PPO(L.LightningModule):
         channels: tuple[int, ...] | None = None,
         hidden: int | None = None,
         agent_channel: int | None = None,
+        egocentric: bool = False,
         total_env_steps: int = 1_000_000,
         lr: float = 5e-4,
         anneal_lr: bool = True,
@@ -128,7 +130,8 @@ class PPO(L.LightningModule):
             self.agent = ActorCritic(
                 obs_shape=tuple(dm.obs_shape), num_actions=dm.num_actions, arch=self.hparams.arch,
                 separate_critic=self.hparams.separate_critic, obs_scale=1.0 / dm.obs_high,
-                channels=self.hparams.channels, hidden=self.hparams.hidden, agent_channel=self.hparams.agent_channel)
+                channels=self.hparams.channels, hidden=self.hparams.hidden, agent_channel=self.hparams.agent_channel,
+                egocentric=self.hparams.egocentric)
             if self.hparams.init_from:
                 source, source_env = load_agent(self.hparams.init_from)
                 check_env_compatible(source_env, dm.env_info, f"init_from checkpoint {self.hparams.init_from}")

@@ -152,15 +152,32 @@ class ValueProbe(L.LightningModule):
             self._init_from(self.hparams.init_from)
 
     def _start_biases(self, train: Split, num_versions: int) -> None:
-        """Every supervised head's bias starts at its version's mean return: the optimum's intercept on
-        standardised features, so Adam spends its steps on the weights rather than on a large offset."""
-        means = torch.tensor([float(train.ret[train.version == i].mean()) if (train.version == i).any() else 0.0
-                              for i in range(num_versions)])
-        for hook in self.hooks:
-            for name, cfg in self.loss_configs.items():
-                if cfg.supervised:
-                    with torch.no_grad():
-                        self.heads[_key(name, hook)].bias.copy_(means)
+        """Every supervised head starts at its configuration's best constant predictor, so Adam spends its
+        steps on the weights rather than on the offset.
+
+        With zero weights, the bias b of version i that zeroes the sum of the mc gradient c_mc (b - mean G)
+        and the semi-gradient TD step c_td (b (1 - gamma mean(1 - terminal)) - mean r) is
+        b = (c_mc mean G + c_td mean r) / (c_mc + c_td (1 - gamma mean(1 - terminal))). For mc alone this
+        is the mean return (ridge's intercept on standardised features); for td it is LSTD's constant
+        fixed point, which differs from the mean return. (On the maze agents this changed no figure: the
+        slow part of a td fit is in the weights, see BENCHMARKS.md "TD probe against LSTD".)
+        """
+        stats = []
+        for i in range(num_versions):
+            rows = train.version == i
+            if rows.any():
+                stats.append((float(train.ret[rows].mean()), float(train.reward[rows].mean()),
+                              float(1.0 - train.terminal[rows].mean())))
+            else:
+                stats.append((0.0, 0.0, 0.0))
+        for name, cfg in self.loss_configs.items():
+            if not cfg.supervised:
+                continue
+            start = torch.tensor([(cfg.mc * ret + cfg.td * rew) / (cfg.mc + cfg.td * (1.0 - self.gamma * live))
+                                  for ret, rew, live in stats])
+            for hook in self.hooks:
+                with torch.no_grad():
+                    self.heads[_key(name, hook)].bias.copy_(start)
 
     def _match_penalties(self, train: Split, calib: Split, num_versions: int) -> None:
         """L2 strengths per head from the closed forms' penalties: with a loss weight c on a batch mean over

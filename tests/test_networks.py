@@ -191,7 +191,7 @@ def test_config_round_trip():
     assert rebuilt.config == model.config
     assert config == {
         "obs_shape": [3, 9, 9], "num_actions": NUM_ACTIONS, "arch": "impala", "separate_critic": True,
-        "obs_scale": 0.5, "channels": [8, 16], "hidden": 64, "agent_channel": None,
+        "obs_scale": 0.5, "channels": [8, 16], "hidden": 64, "agent_channel": None, "egocentric": False,
     }
 
 
@@ -274,3 +274,29 @@ def test_rows_do_not_interact(arch):
 def test_agents_import_without_lightning():
     code = "import sys, innercritic.agents; assert not [m for m in sys.modules if m.startswith('lightning')]"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_egocentric_moves_the_last_conv_output_so_the_agent_sits_at_the_centre():
+    model = ActorCritic((3, 9, 9), NUM_ACTIONS, arch="small", channels=(4, 6), hidden=8, agent_channel=1, egocentric=True)
+    obs = observations("small", batch=3)
+    obs[:, 1] = 0
+    squares = [(8, 0), (0, 8), (4, 5)]
+    for i, (r, c) in enumerate(squares):
+        obs[i, 1, r, c] = 1
+    _, cache = model.run_with_cache(obs, names=["encoder.block1.hook_out", "encoder.hook_flat"])
+    conv, frame = cache["encoder.block1.hook_out"], cache["encoder.hook_flat"].view(3, 6, 17, 17)
+    for i, (r, c) in enumerate(squares):
+        # square (y, x) of the maze lands at (8 + y - r, 8 + x - c); everything else is padding
+        inside = frame[i, :, 8 - r:17 - r, 8 - c:17 - c]
+        assert torch.equal(inside, conv[i])
+        padding = frame[i].clone()
+        padding[:, 8 - r:17 - r, 8 - c:17 - c] = 0
+        assert not padding.any()
+    assert model.encoder.fc.in_features == 6 * 17 * 17 + 6
+    (logits, value), _ = model.run_with_cache(obs)
+    assert logits.shape == (3, NUM_ACTIONS) and value.shape == (3,)
+    rebuilt = ActorCritic(**model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt(obs)[0], logits)
+    with pytest.raises(ValueError, match="egocentric needs agent_channel"):
+        ActorCritic((3, 9, 9), NUM_ACTIONS, arch="small", egocentric=True)

@@ -192,12 +192,13 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, maze_run):
 def test_init_from_starts_from_the_checkpoint_weights(maze_run):
     ckpt = maze_run / "version_0" / "checkpoints" / "last.ckpt"
     source, _ = load_agent(ckpt)
-    module = PPO(arch="small", separate_critic=True, channels=(8, 16, 16), hidden=128, agent_channel=1, init_from=str(ckpt))
+    network = {k: source.config[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric")}
+    module = PPO(**network, init_from=str(ckpt))
     dm = RolloutDataModule(env="maze", env_kwargs={"size": 5, "cheese": "top_right:3"}, num_envs=4, num_steps=8)
     trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, datamodule=dm)
     for (name, a), (_, b) in zip(module.agent.state_dict().items(), source.state_dict().items()):
         assert torch.equal(a, b), name
-    fresh = PPO(arch="small", separate_critic=True, channels=(8, 16, 16), hidden=128, agent_channel=1)
+    fresh = PPO(**network)
     L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(fresh, datamodule=dm)
     assert not torch.equal(fresh.agent.policy_head.weight, source.policy_head.weight)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from helpers import write_agent_checkpoint
-from innercritic.probing.closed_form import fit_ridge
+from innercritic.probing.closed_form import fit_lstd, fit_ridge
 from innercritic.probing.evaluate import Split
 from lightning_modules.steering import _probe_vector
 from lightning_modules.value_probe import ValueProbe
@@ -168,6 +168,26 @@ def test_sgd_probes_land_on_the_closed_forms_when_mc_and_td_disagree():
     assert max(np.abs(lstd.w - ridge.w).max(), abs(lstd.b - ridge.b)) > 0.1, "the problem must separate the two optima for the test to mean anything"
     assert np.allclose(w_mc, ridge.w, atol=0.02) and abs(b_mc - ridge.b) < 0.02
     assert np.allclose(w_td, lstd.w, atol=0.02) and abs(b_td - lstd.b) < 0.02
+
+
+def test_every_supervised_head_starts_at_its_best_constant_predictor():
+    dm = LinearValueData(versions=2, seed=3)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}, "mix": {"mc": 1.0, "td": 3.0}})
+    fit(model, dm, epochs=1, limit_train_batches=0)  # setup only: no step moves the heads
+    tr = dm.split_arrays("train")
+    for i in range(dm.num_versions):
+        r = tr.rows(i)
+        zero_x = np.zeros((len(r), 1))  # a constant predictor: the intercept is all there is
+        ridge_b = fit_ridge(zero_x, tr.ret[r], alphas=(1.0,)).b  # unpenalised intercept
+        lstd_b = fit_lstd(zero_x, zero_x, tr.reward[r], tr.terminal[r], dm.gamma, alpha=1.0).b
+        assert abs(ridge_b - lstd_b) > 0.05, "the two constant optima must differ for the test to mean anything"
+        start = {c: float(model.heads[f"{c}@{HOOK.replace('.', ':')}"].bias[i]) for c in ("mc", "td", "mix")}
+        assert start["mc"] == pytest.approx(ridge_b, abs=1e-5)
+        assert start["td"] == pytest.approx(lstd_b, abs=1e-5)
+        # the mix's constant zeroes mc's gradient plus 3 x TD's semi-gradient
+        live = 1.0 - tr.terminal[r]
+        mix_grad = (start["mix"] - tr.ret[r]).mean() + 3.0 * (start["mix"] - tr.reward[r] - dm.gamma * live * start["mix"]).mean()
+        assert abs(mix_grad) < 1e-5
 
 
 def test_on_a_wide_layer_with_few_episodes_the_matched_penalty_keeps_the_sgd_probe_on_ridge():

@@ -110,14 +110,32 @@ class _ConvReLU(nn.Module):
         return self.hook_out(F.relu(self.hook_conv(self.conv(x))))
 
 
+def _recentre(features: Tensor, mask: Tensor) -> Tensor:
+    """(B, C, H, W) features moved so that the square ``mask`` (B, H, W) marks sits at the centre of a
+    zero-padded (B, C, 2H-1, 2W-1) frame: the dense layer then sees the maze relative to the agent, and
+    what it learns about "a corridor two squares up" holds wherever the agent stands. A frame with no
+    marked square is placed as if the agent stood at (0, 0)."""
+    b, c, h, w = features.shape
+    where = mask.flatten(1).argmax(1)
+    row, col = where // w, where % w
+    padded = F.pad(features, (w - 1, w - 1, h - 1, h - 1)).flatten(2)  # (B, C, (3H-2) * (3W-2))
+    rows = row[:, None, None] + torch.arange(2 * h - 1, device=features.device)[:, None]
+    cols = col[:, None, None] + torch.arange(2 * w - 1, device=features.device)
+    index = (rows * (3 * w - 2) + cols).flatten(1)[:, None].expand(b, c, -1)
+    # gather, not advanced indexing: its backward is a scatter-add, several times faster on CPU than
+    # the sorted index_put that advanced indexing needs
+    return padded.gather(2, index).view(b, c, 2 * h - 1, 2 * w - 1)
+
+
 class _Tower(nn.Module):
     """A conv stack (modules ``block0``, ``block1`` ...), then flatten -> linear(hidden) -> ReLU."""
 
     def __init__(self, arch: str, obs_shape: tuple[int, int, int], channels: tuple[int, ...], hidden: int,
-                 agent_channel: int | None = None) -> None:
+                 agent_channel: int | None = None, egocentric: bool = False) -> None:
         super().__init__()
         self.arch = arch
         self.agent_channel = agent_channel
+        self.egocentric = egocentric
         in_channels = obs_shape[0]
         blocks: list[nn.Module] = []
         for i, out_channels in enumerate(channels):
@@ -134,8 +152,9 @@ class _Tower(nn.Module):
         # A tuple of the registered modules: iterating it avoids nn.Module.__getattr__ on every forward.
         self._blocks = tuple(blocks)
         self.conv_out_shape = self._conv_out_shape(obs_shape)
-        self.hook_flat = HookPoint()  # (C * H * W,) of the last conv output
-        in_features = math.prod(self.conv_out_shape)
+        self.hook_flat = HookPoint()  # (C * H * W,) of the last conv output; (C * (2H-1) * (2W-1),) egocentric
+        c, h, w = self.conv_out_shape
+        in_features = c * (2 * h - 1) * (2 * w - 1) if egocentric else c * h * w
         if agent_channel is not None:
             self.hook_agent = HookPoint()  # (C,) last conv output at the agent's square
             in_features += self.conv_out_shape[0]
@@ -166,7 +185,10 @@ class _Tower(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self._convs(x)
-        flat = self.hook_flat(conv.flatten(1))
+        if self.egocentric:
+            flat = self.hook_flat(_recentre(conv, x[:, self.agent_channel]).flatten(1))
+        else:
+            flat = self.hook_flat(conv.flatten(1))
         if self.agent_channel is not None:
             # The conv features at the agent's square, read through the obs channel that marks it: a
             # translation-equivariant path beside the position-specific flatten, so what the policy
@@ -200,6 +222,7 @@ class ActorCritic(HookedModule):
         channels: tuple[int, ...] | None = None,  # conv channels per stage/layer; None: the arch's default
         hidden: int | None = None,  # width of the final features; None: 256, or 512 for "nature"
         agent_channel: int | None = None,  # "small" only: also read the features at the square this obs channel marks (the maze's mouse: 1)
+        egocentric: bool = False,  # with agent_channel: the dense layer reads the last conv features recentred on that square
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -223,6 +246,8 @@ class ActorCritic(HookedModule):
                 raise ValueError(f"agent_channel needs arch 'small' (stride-1 convs keep the grid aligned), got arch {arch!r}")
             if not 0 <= agent_channel < obs_shape[0]:
                 raise ValueError(f"agent_channel must index one of the {obs_shape[0]} observation channels, got {agent_channel}")
+        if egocentric and agent_channel is None:
+            raise ValueError("egocentric needs agent_channel (the observation channel that marks the agent's square)")
 
         self.obs_shape = obs_shape
         self.num_actions = int(num_actions)
@@ -232,10 +257,11 @@ class ActorCritic(HookedModule):
         self.channels = channels
         self.hidden = hidden
         self.agent_channel = agent_channel
+        self.egocentric = bool(egocentric)
 
         # Registration order is forward order (encoder, critic_encoder, heads), which hook_names relies on.
-        self.encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel)
-        self.critic_encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel) if self.separate_critic else None
+        self.encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel, self.egocentric)
+        self.critic_encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel, self.egocentric) if self.separate_critic else None
         self.policy_head = _init(nn.Linear(hidden, self.num_actions), 0.01)
         self.value_head = _init(nn.Linear(hidden, 1), 1.0)
         self.hook_logits = HookPoint()  # (A,)
@@ -254,6 +280,7 @@ class ActorCritic(HookedModule):
             "channels": list(self.channels),
             "hidden": self.hidden,
             "agent_channel": self.agent_channel,
+            "egocentric": self.egocentric,
         }
 
     def tower_hook_names(self, tower: str = "encoder") -> list[str]:
