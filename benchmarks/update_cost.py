@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,18 +45,14 @@ def settings(config: Path) -> tuple[dict, int]:
     return net, minibatch
 
 
-def ppo_step(net, opt, obs, actions, adv, ret):
-    """One minibatch of lightning_modules.ppo.PPO.training_step, without the bookkeeping."""
+def ppo_step(net, opt, obs, actions, old_logprobs, adv, ret):
+    """One minibatch of lightning_modules.ppo.PPO.training_step: its loss, backward, clipping, Adam."""
     import torch
-    import torch.nn.functional as F
 
-    logits, value = net(obs)
-    logp_all = F.log_softmax(logits, -1)
-    logprob = logp_all.gather(1, actions[:, None]).squeeze(1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
-    ratio = (logprob - logprob.detach()).exp()
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
-    loss = pg - 0.01 * entropy + 0.25 * ((value - ret) ** 2).mean()
+    from lightning_modules.ppo import ppo_loss
+
+    loss, _ = ppo_loss(net, obs, actions, old_logprobs, ret, adv, ret, clip_coef=0.2, clip_vloss=True,
+                       norm_adv=True, ent_coef=0.01, vf_coef=0.5)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
@@ -107,16 +104,16 @@ def fused_towers(reference):
 def time_update(net, batch, repeats: int, channels_last: bool = False) -> float:
     import torch
 
-    obs, actions, adv, ret = batch
+    obs, *rest = batch
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         obs = obs.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, eps=1e-5, fused=True)
     for _ in range(3):
-        ppo_step(net, opt, obs, actions, adv, ret)
+        ppo_step(net, opt, obs, *rest)
     start = time.perf_counter()
     for _ in range(repeats):
-        ppo_step(net, opt, obs, actions, adv, ret)
+        ppo_step(net, opt, obs, *rest)
     return (time.perf_counter() - start) / repeats * 1e3
 
 
@@ -150,7 +147,9 @@ def main() -> None:
     obs = (torch.rand(minibatch, *obs_shape) < 0.3).to(torch.uint8)
     obs[:, 1] = 0
     obs[torch.arange(minibatch), 1, torch.randint(0, 9, (minibatch,)), torch.randint(0, 9, (minibatch,))] = 1
-    batch = (obs, torch.randint(0, actions, (minibatch,)), torch.randn(minibatch), torch.rand(minibatch))
+    # the stored log-probabilities of a uniform policy: only the time is measured, not what is learnt
+    old_logprobs = torch.full((minibatch,), -math.log(actions))
+    batch = (obs, torch.randint(0, actions, (minibatch,)), old_logprobs, torch.randn(minibatch), torch.rand(minibatch))
 
     net = make()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, eps=1e-5, fused=True)

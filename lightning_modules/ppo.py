@@ -47,6 +47,34 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     return advantages, advantages + values
 
 
+def ppo_loss(agent: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor,
+             old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, *, clip_coef: float,
+             clip_vloss: bool, norm_adv: bool, ent_coef: float, vf_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's loss on one minibatch: clipped surrogate - ent_coef * entropy + vf_coef * value loss.
+
+    Returns the loss and its detached parts (``pg_loss``, ``value_loss``, ``entropy``, ``approx_kl``,
+    ``clipfrac``). The value loss is CleanRL's 0.5 * max of the clipped and unclipped squared errors.
+    """
+    logits, value = agent(obs)
+    logp_all = F.log_softmax(logits, -1)
+    logprob = logp_all.gather(1, actions[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    log_ratio = logprob - old_logprobs
+    ratio = log_ratio.exp()
+    adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8) if norm_adv else advantages
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    if clip_vloss:
+        v_clipped = old_values + (value - old_values).clamp(-clip_coef, clip_coef)
+        v_loss = 0.5 * torch.max((value - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((value - returns) ** 2).mean()
+    with torch.no_grad():
+        parts = {"pg_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy.detach(),
+                 "approx_kl": ((ratio - 1) - log_ratio).mean(),  # Schulman's low-variance KL estimator
+                 "clipfrac": ((ratio - 1).abs() > clip_coef).float().mean()}
+    return pg_loss - ent_coef * entropy + vf_coef * v_loss, parts
+
+
 class PPO(L.LightningModule):
     """PPO on the envs of a ``RolloutDataModule``; the agent is an ``innercritic`` ``ActorCritic``.
 
@@ -198,25 +226,11 @@ class PPO(L.LightningModule):
         clipfracs, approx_kl = [], torch.zeros(())
         for epoch in range(hp.update_epochs):
             for idx in torch.randperm(batch, device=obs.device).split(mb_size):
-                logits, value = self.agent(obs[idx])
-                logp_all = F.log_softmax(logits, -1)
-                logprob = logp_all.gather(1, actions[idx, None]).squeeze(1)
-                entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
-                log_ratio = logprob - old_logprobs[idx]
-                ratio = log_ratio.exp()
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance KL estimator
-                    clipfracs.append(((ratio - 1).abs() > hp.clip_coef).float().mean())
-                adv = advantages[idx]
-                if hp.norm_adv:
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - hp.clip_coef, 1 + hp.clip_coef)).mean()
-                if hp.clip_vloss:
-                    v_clipped = old_values[idx] + (value - old_values[idx]).clamp(-hp.clip_coef, hp.clip_coef)
-                    v_loss = 0.5 * torch.max((value - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((value - returns[idx]) ** 2).mean()
-                loss = pg_loss - hp.ent_coef * entropy + hp.vf_coef * v_loss
+                loss, parts = ppo_loss(self.agent, obs[idx], actions[idx], old_logprobs[idx], old_values[idx],
+                                       advantages[idx], returns[idx], clip_coef=hp.clip_coef, clip_vloss=hp.clip_vloss,
+                                       norm_adv=hp.norm_adv, ent_coef=hp.ent_coef, vf_coef=hp.vf_coef)
+                approx_kl = parts["approx_kl"]
+                clipfracs.append(parts["clipfrac"])
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
@@ -230,7 +244,7 @@ class PPO(L.LightningModule):
         var_ret = returns.var()
         explained_var = float("nan") if var_ret == 0 else float(1 - (returns - old_values).var() / var_ret)
         metrics = {
-            "train/pg_loss": pg_loss.detach(), "train/value_loss": v_loss.detach(), "train/entropy": entropy.detach(),
+            "train/pg_loss": parts["pg_loss"], "train/value_loss": parts["value_loss"], "train/entropy": parts["entropy"],
             "train/approx_kl": approx_kl, "train/clipfrac": torch.stack(clipfracs).mean(),
             "train/explained_variance": explained_var, "train/lr": opt.param_groups[0]["lr"],
             "train/env_steps": float(self.env_steps), "train/env_steps_per_s": steps / elapsed,

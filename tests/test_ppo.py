@@ -21,7 +21,7 @@ import torch
 
 from datamodules.rollout import RolloutDataModule
 from innercritic.agents import load_agent
-from lightning_modules.ppo import PPO, compute_gae
+from lightning_modules.ppo import PPO, compute_gae, ppo_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -202,3 +202,47 @@ def test_init_from_starts_from_the_checkpoint_weights(maze_run):
     fresh = PPO(**network)
     L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(fresh, datamodule=dm)
     assert not torch.equal(fresh.agent.policy_head.weight, source.policy_head.weight)
+
+
+class FixedOutputs(torch.nn.Module):
+    """An 'agent' whose logits and values are parameters: the PPO loss on it can be worked out by hand."""
+
+    def __init__(self, logits: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.logits, self.values = torch.nn.Parameter(logits), torch.nn.Parameter(values)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits, self.values
+
+
+def test_ppo_loss_clips_the_surrogate_and_the_value_as_written_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    values = torch.tensor([1.0, 0.0])
+    agent = FixedOutputs(logits, values)
+    actions = torch.tensor([0, 1])
+    logp = torch.log_softmax(logits, -1)[torch.arange(2), actions]
+    adv, returns, old_values = torch.tensor([1.0, -2.0]), torch.tensor([2.0, 3.0]), torch.tensor([0.5, 0.1])
+    kw = dict(clip_coef=0.2, clip_vloss=True, norm_adv=False, ent_coef=0.1, vf_coef=0.5)
+    obs = torch.zeros(2, 1)
+
+    # unchanged policy: ratio 1, nothing clipped, KL 0
+    loss, parts = ppo_loss(agent, obs, actions, logp.detach(), old_values, adv, returns, **kw)
+    assert parts["approx_kl"] == pytest.approx(0.0, abs=1e-7) and parts["clipfrac"] == 0
+    assert parts["pg_loss"] == pytest.approx(-adv.mean().item())
+    # value clipping: max of (v - R)^2 and (old + clamp(v - old, +-0.2) - R)^2 per row, halved
+    # (row 0: the clipped error 1.3^2 is the larger, so clipping binds)
+    v_loss = 0.5 * (max((1.0 - 2.0) ** 2, (0.7 - 2.0) ** 2) + max((0.0 - 3.0) ** 2, (0.0 - 3.0) ** 2)) / 2
+    assert parts["value_loss"] == pytest.approx(v_loss)
+    probs = torch.softmax(logits, -1)
+    entropy = -(probs * probs.log()).sum(-1).mean().item()
+    assert parts["entropy"] == pytest.approx(entropy)
+    assert loss.item() == pytest.approx(-adv.mean().item() - 0.1 * entropy + 0.5 * v_loss)
+
+    # the policy doubled both actions' probabilities: ratio 2, so the surrogate takes min(2A, 1.2A)
+    # for A > 0 (1.2A, clipped) and min(2A, 1.2A) = 2A for A < 0 (pessimistic, unclipped)
+    _, parts = ppo_loss(agent, obs, actions, (logp - torch.log(torch.tensor(2.0))).detach(), old_values, adv, returns, **kw)
+    assert parts["pg_loss"] == pytest.approx(-(1.2 * 1.0 + 2.0 * -2.0) / 2)
+    assert parts["clipfrac"] == 1.0
+    # normalised advantages have mean 0: at ratio 1 the surrogate is 0
+    _, parts = ppo_loss(agent, obs, actions, logp.detach(), old_values, adv, returns, **{**kw, "norm_adv": True})
+    assert parts["pg_loss"] == pytest.approx(0.0, abs=1e-6)
