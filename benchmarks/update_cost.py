@@ -1,15 +1,15 @@
 """What one PPO minibatch update of the default maze network costs, against what this CPU can do.
 
-Why it exists: ``ppo_vs_sb3.py`` finds both trainers spending ~85% of their time in the network
-update, which is the same network and the same arithmetic in both. If the update costs the same,
-our advantage is bounded by Amdahl's law: even a free rollout gives at most
-``1 / update_share_of_sb3`` (about 1.18 at 85%), short of issue 3's 1.5. This script measures whether
-the update itself has room left: the milliseconds of one minibatch (forward of both towers, the PPO
-loss, backward, gradient-norm clipping, fused Adam), the floating-point work it does (counted by
-``torch.utils.flop_counter``), the rate that gives, and the same for a large float32 matmul on the
-same threads (a practical peak). Two rewrites of the same function are timed beside it: both towers
-fused into one conv stack (grouped convolutions and a batched linear layer, the same parameter
-count) and channels-last memory.
+Why it exists: ``ppo_vs_sb3.py`` finds both trainers spending three quarters or more of their time
+in the network update, which is the same network and the same arithmetic in both. If the update
+costs the same, our advantage is bounded by Amdahl's law: even a free rollout gives at most
+``1 / update_share_of_sb3`` (1.32 at the 75.6% measured in BENCHMARKS.md), short of issue 3's 1.5.
+This script measures whether the update itself has room left: the milliseconds of one minibatch
+(forward of both towers, the PPO loss, backward, gradient-norm clipping, fused Adam), the
+floating-point work it does (counted by ``torch.utils.flop_counter``), the rate that gives, and the
+same for a large float32 matmul on the same threads (a practical peak). Two rewrites of the same
+layers are timed beside it: both towers fused into one conv stack (grouped convolutions and a
+batched linear layer, the same parameter count) and channels-last memory.
 
 Run (an otherwise idle machine; settings read from configs/ppo/maze.yaml):
 
@@ -29,20 +29,18 @@ import time
 from pathlib import Path
 
 from _report import machine
+from ppo_vs_sb3 import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def settings(config: Path) -> tuple[dict, int]:
-    """The PPO network arguments and the minibatch size of a training config."""
-    import yaml
-
-    cfg = yaml.safe_load(config.read_text())
-    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
-    net = {k: model[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric") if k in model}
-    minibatch = data["num_envs"] * data["num_steps"] // model.get("num_minibatches", 8)
-    return net, minibatch
+    """The network arguments and the minibatch size of a training config, PPO's defaults filling the rest."""
+    loaded = load_settings(config)
+    model, data = loaded["model"], loaded["data"]
+    net = {k: model[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric")}
+    return net, data["num_envs"] * data["num_steps"] // model["num_minibatches"]
 
 
 def ppo_step(net, opt, obs, actions, old_logprobs, adv, ret):
@@ -70,15 +68,14 @@ def fused_towers(reference):
     from innercritic.agents.networks import _recentre
 
     a, c = reference.encoder, reference.critic_encoder
-    blocks = [(a.block0.conv, c.block0.conv)] + [(getattr(a, f"block{i}").conv, getattr(c, f"block{i}").conv)
-                                                 for i in range(1, len(reference.channels))]
+    convs = [getattr(a, f"block{i}").conv for i in range(len(reference.channels))]  # the critic's have the same shapes
 
     class Fused(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.convs = nn.ModuleList(
-                nn.Conv2d(ca.in_channels * (1 if i == 0 else 2), 2 * ca.out_channels, 3, padding=1, groups=1 if i == 0 else 2)
-                for i, (ca, _) in enumerate(blocks))
+                nn.Conv2d(conv.in_channels * (1 if i == 0 else 2), 2 * conv.out_channels, 3, padding=1, groups=1 if i == 0 else 2)
+                for i, conv in enumerate(convs))
             fa, fc = a.fc, c.fc
             self.fc_w = nn.Parameter(torch.stack((fa.weight.T, fc.weight.T)).detach().clone())
             self.fc_b = nn.Parameter(torch.stack((fa.bias, fc.bias))[:, None].detach().clone())
