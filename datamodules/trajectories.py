@@ -11,14 +11,16 @@ memory-mapped ``.npy`` shards with a manifest (see ``innercritic/cache/format.py
   calibration / test from ``split_seed`` (episode ``u`` of every version goes to the same split: the
   versions play the same levels), and computes the standardisation statistics of the served hook
   point on the train split only.
+- ``batch_size=0`` serves each split as one batch, gathered once and held in memory: full-batch
+  steps, whose exact gradients let a TD probe converge along directions where minibatch noise stalls
+  Adam (BENCHMARKS.md, "TD probe against LSTD").
 - Batches are dicts of tensors, one row per transition ``s_t -> s_{t+1}`` (a stored episode's final
   state is served only as ``x_next``):
 
-      x, x_next      {hook: float32 (B, D_hook)}  raw activations of each served hook point at s_t and
-                                     s_{t+1}, flattened; the probe standardises them with ``stats``
-                                     (kept raw here so the probe module can store the statistics with
-                                     its weights and apply them to live activations when planning or
-                                     steering)
+      x, x_next      {hook: float32 (B, D_hook)}  activations of each served hook point at s_t and
+                                     s_{t+1}, flattened and standardised with ``stats`` (the train
+                                     split's); a probe keeps ``stats`` with its weights to apply them to
+                                     live activations when planning or steering
       reward         float32 (B,)    r_t
       terminal       float32 (B,)    1.0 when the episode terminated right after action t (no bootstrap)
       truncated      float32 (B,)    1.0 when it was cut by the time limit right after action t
@@ -82,11 +84,18 @@ class TransitionDataset(Dataset):
     the batch with a handful of numpy fancy-indexing calls on the memory maps: no per-row Python.
     """
 
-    def __init__(self, cache: TrajectoryCache, rows: np.ndarray, hooks: list[str], columns: dict[str, np.ndarray]) -> None:
+    def __init__(self, cache: TrajectoryCache, rows: np.ndarray, stats: dict[str, dict[str, torch.Tensor]],
+                 columns: dict[str, np.ndarray]) -> None:
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.hooks = list(hooks)
+        self.hooks = list(stats)
+        self.stats = {h: (s["mean"].numpy(), s["std"].numpy()) for h, s in stats.items()}
         self.columns = columns
+
+    def standardised(self, hook: str, rows: np.ndarray) -> np.ndarray:
+        """Activations of ``hook`` at cache ``rows``, flattened and standardised: float32 (len(rows), D)."""
+        mean, std = self.stats[hook]
+        return (self.cache.gather(f"act.{hook}", rows).reshape(len(rows), len(mean)) - mean) / std
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -96,7 +105,7 @@ class TransitionDataset(Dataset):
         c = self.columns
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         i64 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-        acts = lambda r: {h: f32(self.cache.gather(f"act.{h}", r).reshape(len(r), -1)) for h in self.hooks}  # noqa: E731
+        acts = lambda r: {h: f32(self.standardised(h, r)) for h in self.hooks}  # noqa: E731
         return {
             "x": acts(rows),
             "x_next": acts(rows + 1),
@@ -143,7 +152,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         collect_seed: int = 0,  # seed of the collection (levels and action sampling)
         num_envs: int = 64,  # envs stepped together while collecting
         episodes_per_shard: int = 128,  # episodes per cache shard (the unit of resuming and of memory use)
-        batch_size: int = 256,  # transitions per batch
+        batch_size: int = 256,  # transitions per batch; 0: a whole split per batch, gathered once and kept in memory (full-batch steps)
         num_workers: int = 0,  # DataLoader worker processes
         rebuild: bool = False,  # replace a cache that does not match this request (or fails its checksums)
         verify_checksums: bool = True,  # recompute every cache file's sha256 when opening it
@@ -158,9 +167,10 @@ class TrajectoryDataModule(L.LightningDataModule):
                              f"with a non-empty train share, got {split_fractions}")
         if activation_dtype not in ACTIVATION_DTYPES:
             raise ValueError(f"data.activation_dtype must be one of {list(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
-        for name, value in (("batch_size", batch_size), ("episodes_per_version", episodes_per_version)):
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if episodes_per_version < 1:
+            raise ValueError(f"data.episodes_per_version must be >= 1, got {episodes_per_version}")
+        if batch_size < 0:
+            raise ValueError(f"data.batch_size must be >= 1 (transitions per batch) or 0 (the whole split), got {batch_size}")
         self.agent_ckpt = str(agent_ckpt)
         self.cache_dir = Path(cache_dir)
         self.split_fractions = fractions
@@ -190,6 +200,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.num_states: int | None = None
         self.train_episodes = self.calib_episodes = self.test_episodes = None
         self._datasets: dict[str, TransitionDataset] = {}
+        self._whole: dict[str, dict[str, Any]] = {}
         self._columns: dict[str, np.ndarray] = {}
         self._exact: np.ndarray | None = None
 
@@ -226,12 +237,12 @@ class TrajectoryDataModule(L.LightningDataModule):
         self._columns = columns
         self.train_episodes, self.calib_episodes, self.test_episodes = self.split_episodes()
         splits = {"train": self.train_episodes, "calib": self.calib_episodes, "test": self.test_episodes}
+        train_states = np.flatnonzero(np.isin(columns["episode"], self.train_episodes))
+        self.stats = {h: self._standardisation(cache, h, train_states) for h in self.hooks}
         transition = ~columns["last"]
         for name, episodes in splits.items():
             rows = np.flatnonzero(transition & np.isin(columns["episode"], episodes))
-            self._datasets[name] = TransitionDataset(cache, rows, self.hooks, columns)
-        train_states = np.flatnonzero(np.isin(columns["episode"], self.train_episodes))
-        self.stats = {h: self._standardisation(cache, h, train_states) for h in self.hooks}
+            self._datasets[name] = TransitionDataset(cache, rows, self.stats, columns)
 
     def split_episodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(train, calibration, test) global episode ids: a permutation of the episode indices from split_seed.
@@ -269,6 +280,11 @@ class TrajectoryDataModule(L.LightningDataModule):
         if split not in self._datasets:
             raise RuntimeError("call setup() before asking for dataloaders")
         dataset = self._datasets[split]
+        if self.batch_size == 0:
+            # Every step sees the same batch, so it is read from the maps once; batch_size=None: no collation.
+            if split not in self._whole:
+                self._whole[split] = dataset.__getitems__(list(range(len(dataset))))
+            return DataLoader([self._whole[split]], batch_size=None)
         generator = torch.Generator().manual_seed(self.split_seed) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, collate_fn=_identity,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -303,14 +319,10 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def split_arrays(self, split: str) -> Split:
         """Every transition of ``split`` in memory, activations standardised with the train statistics."""
-        rows = self.split_rows(split)
-        n, c = len(rows), self.cache
-        x, x_next = {}, {}
-        for h in self.hooks:
-            mean, std = self.stats[h]["mean"].numpy(), self.stats[h]["std"].numpy()
-            d = self.feature_dims[h]
-            x[h] = (c.gather(f"act.{h}", rows).reshape(n, d) - mean) / std
-            x_next[h] = (c.gather(f"act.{h}", rows + 1).reshape(n, d) - mean) / std
+        dataset = self._datasets[split]
+        rows, n, c = dataset.rows, len(dataset.rows), self.cache
+        x = {h: dataset.standardised(h, rows) for h in self.hooks}
+        x_next = {h: dataset.standardised(h, rows + 1) for h in self.hooks}
         col = lambda name, r=rows: np.asarray(self._columns[name][r])  # noqa: E731
         exact = self.exact_values()
         obs_dim = int(np.prod(self.agent.obs_shape))

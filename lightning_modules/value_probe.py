@@ -193,19 +193,36 @@ class ValueProbe(L.LightningModule):
                     self.register_buffer(f"l2@{_key(name, hook)}", (cfg.mc * alpha["ridge"] + cfg.td * alpha["lstd"]) / n)
 
     def _init_from(self, path: str) -> None:
+        """Start every head that the checkpoint also has (same configuration, hook point and versions) from
+        the function it computes, re-expressed on this run's standardisation.
+
+        The batches arrive standardised with this data's statistics (m, s); a head w . (x - m0) / s0 + b
+        trained on other data reads the same on them as w * s / s0 . (x - m) / s + b + w . (m - m0) / s0,
+        so that is what it starts from (identical weights when the data are the same). An unsupervised head
+        keeps its direction; its scale is the free one that calibration sets.
+        """
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         meta = ckpt.get("innercritic_probe") if isinstance(ckpt, dict) else None
         if meta is None or meta.get("kind") != PROBE_KIND:
             raise ValueError(f"init_from {path!r} is not an InnerCritic value-probe checkpoint")
         state = ckpt["state_dict"]
-        own = self.state_dict()
+        matched = []
         # Slack variables belong to the old data's states and L2 strengths to its penalties: both start afresh.
-        loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(("slacks.", "l2@"))}
-        if not any(k.startswith("heads.") for k in loaded):
+        for key, head in self.heads.items():
+            weight, bias = state.get(f"heads.{key}.weight"), state.get(f"heads.{key}.bias")
+            if weight is None or bias is None or weight.shape != head.weight.shape:
+                continue
+            tag = key.split("@", 1)[1]
+            mean0, std0 = state[f"mean@{tag}"].double(), state[f"std@{tag}"].double()
+            mean, std = getattr(self, f"mean@{tag}").double(), getattr(self, f"std@{tag}").double()
+            with torch.no_grad():
+                head.weight.copy_(weight.double() * (std / std0))
+                head.bias.copy_(bias.double() + weight.double() @ ((mean - mean0) / std0))
+            matched.append(f"heads.{key}")
+        if not matched:
             raise ValueError(f"init_from {path!r} holds heads for {meta.get('heads')}, none of which match this run's "
                              f"{sorted(self.heads.keys())} (same configuration name, hook point and number of versions)")
-        self.load_state_dict(loaded, strict=False)
-        self.initialised_from = sorted(k for k in loaded if k.startswith("heads."))
+        self.initialised_from = sorted(matched)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["innercritic_probe"] = {"kind": PROBE_KIND, "heads": sorted(self.heads.keys()), "hooks": self.hooks,
@@ -220,17 +237,18 @@ class ValueProbe(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ the probe
-    def standardise(self, hook: str, x: Tensor) -> Tensor:
-        tag = hook.replace(".", ":")
-        return (x - getattr(self, f"mean@{tag}")) / getattr(self, f"std@{tag}")
+    def values(self, configs: list[str], hook: str, xs: Tensor) -> dict[str, Tensor]:
+        """Every head's value (B, V) of each of ``configs`` on standardised activations (B, D) of ``hook``.
 
-    def values(self, config: str, hook: str, xs: Tensor) -> Tensor:
-        """Every head's value (B, V) on standardised activations (B, D) of ``hook``."""
-        head = self.heads[_key(config, hook)]
-        v = F.linear(xs, head.weight, head.bias)
-        if self.loss_configs[config].unit_norm:
-            v = v / head.weight[0].norm().clamp_min(1e-8)
-        return v
+        One matrix product for all of them: on a full batch the pass over the activations is the cost.
+        """
+        heads = [self.heads[_key(name, hook)] for name in configs]
+        v = F.linear(xs, torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads]))
+        out = dict(zip(configs, v.split([h.out_features for h in heads], dim=1)))
+        for name, head in zip(configs, heads):
+            if self.loss_configs[name].unit_norm:
+                out[name] = out[name] / head.weight[0].norm().clamp_min(1e-8)
+        return out
 
     def linear_map(self, config: str, hook: str) -> tuple[Tensor, Tensor]:
         """(w (V, D), b (V,)) of the heads on standardised activations, scale constraint applied."""
@@ -241,17 +259,19 @@ class ValueProbe(L.LightningModule):
     def _loss(self, batch: Mapping[str, Any], stage: str) -> Tensor:
         total = 0.0
         logs: dict[str, Tensor] = {}
+        names = list(self.loss_configs)
+        needs_next = [name for name in names if self.loss_configs[name].needs_next]
         for hook in self.hooks:
-            xs = self.standardise(hook, batch["x"][hook])
-            xn = self.standardise(hook, batch["x_next"][hook]) if any(c.needs_next for c in self.loss_configs.values()) else None
+            xs = batch["x"][hook]
+            v = self.values(names, hook, xs)
+            v_next = self.values(needs_next, hook, batch["x_next"][hook]) if needs_next else {}
             for name, cfg in self.loss_configs.items():
                 key = _key(name, hook)
                 slack = None
                 if key in self.slacks:
                     module = self.slacks[key]
                     slack = module(batch["state_index"]) if isinstance(module, nn.Embedding) else module(xs)
-                v_next = self.values(name, hook, xn) if cfg.needs_next else None
-                terms = probe_loss_terms(cfg, self.values(name, hook, xs), v_next, batch, self.gamma,
+                terms = probe_loss_terms(cfg, v[name], v_next.get(name), batch, self.gamma,
                                          slack=slack, value_range=self.value_range)
                 loss = sum(terms.values())
                 l2 = getattr(self, f"l2@{key}", None)

@@ -84,8 +84,9 @@ def test_batches_carry_what_every_probe_loss_needs(dm):
         x, x_next = batch["x"]["encoder.hook_fc"], batch["x_next"]["encoder.hook_fc"]
         assert list(batch["x"]) == ["encoder.hook_fc"], "only the requested hook points are served"
         assert x.dtype == torch.float32 and x.shape == (len(rows), 16)
-        assert np.array_equal(x.numpy(), act[rows])
-        assert np.array_equal(x_next.numpy(), act[rows + 1])
+        mean, std = (dm.stats["encoder.hook_fc"][k].numpy() for k in ("mean", "std"))
+        assert np.allclose(x.numpy() * std + mean, act[rows], atol=1e-5), "served standardised with the train statistics"
+        assert np.allclose(x_next.numpy() * std + mean, act[rows + 1], atol=1e-5)
         assert np.array_equal(cache.column("episode")[rows + 1], batch["episode"].numpy()), "s' is in the same episode"
         assert np.array_equal(cache.column("step")[rows + 1], batch["step"].numpy() + 1)
         for key, field in (("reward", "reward"), ("terminal", "terminal"), ("truncated", "truncated"), ("ret", "return"),
@@ -101,6 +102,21 @@ def test_batches_carry_what_every_probe_loss_needs(dm):
     val = np.concatenate([b["state_index"].numpy() for b in dm.val_dataloader()])
     test = np.concatenate([b["state_index"].numpy() for b in dm.test_dataloader()])
     assert np.array_equal(val, dm.split_rows("calib")) and np.array_equal(test, dm.split_rows("test"))
+
+
+def test_batch_size_0_serves_each_split_whole_from_memory(dm, agent_ckpt):
+    whole = make_dm(agent_ckpt, dm.cache_dir, batch_size=0)
+    whole.setup("fit")
+    for split, loader in (("train", whole.train_dataloader), ("calib", whole.val_dataloader)):
+        batches = list(loader())
+        assert len(batches) == 1, "one batch per epoch: full-batch steps"
+        (batch,) = batches
+        assert np.array_equal(batch["state_index"].numpy(), whole.split_rows(split)), "every transition of the split, once"
+        arrays = whole.split_arrays(split)
+        assert np.array_equal(batch["x"]["encoder.hook_fc"].numpy(), arrays.x["encoder.hook_fc"]), "the split_arrays features"
+        assert np.array_equal(batch["x_next"]["encoder.hook_fc"].numpy(), arrays.x_next["encoder.hook_fc"])
+        again = next(iter(loader()))
+        assert again["x"]["encoder.hook_fc"] is batch["x"]["encoder.hook_fc"], "gathered once, then served from memory"
 
 
 def test_standardisation_statistics_come_from_the_train_split_only(dm):
@@ -151,12 +167,14 @@ def test_bad_arguments_are_clear_errors(agent_ckpt, tmp_path):
         make_dm(agent_ckpt, tmp_path, versions=["policy", "eps=0.1"])
     with pytest.raises(ValueError, match="split_fractions"):
         make_dm(agent_ckpt, tmp_path, split_fractions=(0.5, 0.2, 0.2))
+    with pytest.raises(ValueError, match=r"data.batch_size must be >= 1 \(transitions per batch\) or 0 \(the whole split\), got -1"):
+        make_dm(agent_ckpt, tmp_path, batch_size=-1)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         make_dm(str(tmp_path / "missing.ckpt"), tmp_path)
 
 
 class _LinearProbe(L.LightningModule):
-    """The least a probe module does with this datamodule: standardise with its stats, regress returns."""
+    """The least a probe module does with this datamodule: regress returns on the standardised activations."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -165,16 +183,14 @@ class _LinearProbe(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         self.hook = dm.hooks[0]
-        self.register_buffer("mean", dm.stats[self.hook]["mean"])
-        self.register_buffer("std", dm.stats[self.hook]["std"])
         self.head = torch.nn.Linear(dm.feature_dims[self.hook], dm.num_versions)
 
     def training_step(self, batch, batch_idx):
-        v = self.head((batch["x"][self.hook] - self.mean) / self.std).gather(1, batch["version"][:, None]).squeeze(1)
+        v = self.head(batch["x"][self.hook]).gather(1, batch["version"][:, None]).squeeze(1)
         return torch.nn.functional.mse_loss(v, batch["ret"])
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/mse", torch.nn.functional.mse_loss(self.head((batch["x"][self.hook] - self.mean) / self.std)[:, 0], batch["ret"]))
+        self.log("val/mse", torch.nn.functional.mse_loss(self.head(batch["x"][self.hook])[:, 0], batch["ret"]))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)

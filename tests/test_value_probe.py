@@ -36,7 +36,7 @@ class LinearValueData(L.LightningDataModule):
     """Episodes of AR(1) Gaussian features whose value under version i is ``w_i . x + b_i`` (+ ``nonlinear * relu(x_0 - m_0) x_1``)."""
 
     def __init__(self, dim: int = 5, versions: int = 2, episodes: int = 150, gamma: float = 0.9, noise: float = 0.0,
-                 nonlinear: float = 0.0, seed: int = 0, batch_size: int = 256) -> None:
+                 nonlinear: float = 0.0, seed: int = 0, batch_size: int = 256, static: int = 0) -> None:
         super().__init__()
         rng = np.random.default_rng(seed)
         self.gamma, self.batch_size = gamma, batch_size
@@ -53,6 +53,8 @@ class LinearValueData(L.LightningDataModule):
                 z = rng.normal(size=(length + 1, dim))
                 for t in range(1, length + 1):
                     z[t] = 0.8 * z[t - 1] + 0.6 * z[t]
+                if static:  # features fixed for the whole episode (a maze's walls): TD learns them slowly
+                    z[:, :static] = rng.normal(size=static)
                 x = z + offset
                 # A nonlinear part no linear probe can fit: MC regression and the TD fixed point then differ.
                 value = x @ self.w_true[v] + self.b_true[v] + nonlinear * np.maximum(x[:, 0] - offset[0], 0.0) * x[:, 1]
@@ -83,9 +85,12 @@ class LinearValueData(L.LightningDataModule):
         x = self.c["x"][train_states]
         self.stats = {HOOK: {"mean": torch.tensor(x.mean(0), dtype=torch.float32), "std": torch.tensor(x.std(0), dtype=torch.float32)}}
 
+    def standardised(self, rows: np.ndarray) -> np.ndarray:
+        return (self.c["x"][rows] - self.stats[HOOK]["mean"].numpy()) / self.stats[HOOK]["std"].numpy()
+
     def batch(self, rows: np.ndarray) -> dict:
         c, f = self.c, lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-        return {"x": {HOOK: f(c["x"][rows])}, "x_next": {HOOK: f(c["x"][rows + 1])}, "reward": f(c["reward"][rows]),
+        return {"x": {HOOK: f(self.standardised(rows))}, "x_next": {HOOK: f(self.standardised(rows + 1))}, "reward": f(c["reward"][rows]),
                 "terminal": f(c["terminal"][rows]), "truncated": torch.zeros(len(rows)), "ret": f(c["ret"][rows]),
                 "bootstrapped": torch.zeros(len(rows)), "value": f(c["value"][rows]),
                 "version": torch.as_tensor(c["version"][rows], dtype=torch.int64),
@@ -108,9 +113,7 @@ class LinearValueData(L.LightningDataModule):
 
     def split_arrays(self, split: str) -> Split:
         rows, c = self.rows[split], self.c
-        mean, std = self.stats[HOOK]["mean"].numpy(), self.stats[HOOK]["std"].numpy()
-        z = lambda r: (c["x"][r] - mean) / std  # noqa: E731
-        return Split(x={HOOK: z(rows)}, x_next={HOOK: z(rows + 1)}, reward=c["reward"][rows], terminal=c["terminal"][rows],
+        return Split(x={HOOK: self.standardised(rows)}, x_next={HOOK: self.standardised(rows + 1)}, reward=c["reward"][rows], terminal=c["terminal"][rows],
                      ret=c["ret"][rows], value=c["value"][rows], value_next=c["value"][rows + 1], version=c["version"][rows],
                      step=c["step"][rows], episode=c["episode"][rows], exact=c["exact"][rows])
 
@@ -168,6 +171,21 @@ def test_sgd_probes_land_on_the_closed_forms_when_mc_and_td_disagree():
     assert max(np.abs(lstd.w - ridge.w).max(), abs(lstd.b - ridge.b)) > 0.1, "the problem must separate the two optima for the test to mean anything"
     assert np.allclose(w_mc, ridge.w, atol=0.02) and abs(b_mc - ridge.b) < 0.02
     assert np.allclose(w_td, lstd.w, atol=0.02) and abs(b_td - lstd.b) < 0.02
+
+
+def test_full_batch_steps_land_td_on_lstd_along_features_fixed_within_an_episode():
+    """The maze's hard case: with gamma 0.99, semi-gradient TD's expected step along a feature that never
+    changes within an episode is scaled by 1 - gamma, and minibatch noise drowns it; exact gradients do not."""
+    dm = LinearValueData(dim=4, static=2, versions=1, episodes=200, gamma=0.99, noise=0.5, nonlinear=1.0, seed=5,
+                         batch_size=10**6)  # larger than the split: one batch, every step a full-batch step
+    model = ValueProbe(configs={"td": {"td": 1.0}}, lr=0.05)
+    trainer = fit(model, dm, epochs=200)
+    assert trainer.global_step == 200
+    lstd = model.ceilings[HOOK][0]["lstd"]
+    w_td, b_td = (t.numpy()[0] for t in model.linear_map("td", HOOK))
+    assert np.abs(lstd.w[:2]).max() > 0.5, "the static features carry weight, so the test means something"
+    # 0.0002 measured; 64-transition minibatches for 12 epochs (264 steps, the same lr) stop at 0.0105.
+    assert np.allclose(w_td, lstd.w, atol=0.005) and abs(b_td - lstd.b) < 0.005, (w_td, lstd.w, b_td, lstd.b)
 
 
 def test_every_supervised_head_starts_at_its_best_constant_predictor():
@@ -233,6 +251,24 @@ def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_
     assert torch.equal(seen["w"], start[key]), "the fine-tuned run starts from the checkpoint's weights"
     assert not torch.equal(tuned.heads[next(iter(tuned.heads))].weight.detach(), start[key]), "and then trains"
     assert tuned.loss_configs["mc"].td == 2.0
+
+    # On other data (other standardisation statistics) it starts from the same function of the raw activations.
+    class CaptureHead(L.Callback):
+        def on_train_start(self, trainer, module):
+            head = module.heads[next(iter(module.heads))]
+            seen["head"] = (head.weight.detach().double().clone(), head.bias.detach().double().clone())
+
+    other = LinearValueData(episodes=60, seed=1)
+    moved = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05, init_from=str(ckpt))
+    fit(moved, other, epochs=1, callbacks=[CaptureHead()])
+    bias_key = key.replace(".weight", ".bias")
+    raw = lambda w, b, mean, std: (w / std, b - (w / std) @ mean)  # noqa: E731  (w, b) on raw activations
+    tag = HOOK.replace(".", ":")
+    w0, b0 = raw(start[key].double(), start[bias_key].double(), start[f"mean@{tag}"].double(), start[f"std@{tag}"].double())
+    w1, b1 = raw(*seen["head"], other.stats[HOOK]["mean"].double(), other.stats[HOOK]["std"].double())
+    assert not torch.allclose(other.stats[HOOK]["mean"], dm.stats[HOOK]["mean"]), "the two datasets standardise differently"
+    assert torch.allclose(w1, w0, atol=1e-6) and torch.allclose(b1, b0, atol=1e-5), "the same function, re-expressed"
+    assert torch.equal(getattr(moved, f"mean@{tag}"), other.stats[HOOK]["mean"]), "kept with this data's statistics"
 
     resumed = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05)
     trainer2 = L.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
