@@ -1,10 +1,10 @@
 """What one PPO minibatch update of the default maze network costs, against what this CPU can do.
 
-Why it exists: ``ppo_vs_sb3.py`` finds both trainers spending three quarters or more of their time
-in the network update, which is the same network and the same arithmetic in both. If the update
-costs the same, our advantage is bounded by Amdahl's law: even a free rollout gives at most
-``1 / update_share_of_sb3``: 1.32 at the 75.6% measured with 4 epochs per rollout, short of issue 3's
-1.5; 1.62 at the 62% measured with the 2 epochs of the current default (BENCHMARKS.md).
+Why it exists: ``ppo_vs_sb3.py`` finds both trainers spending most of their time in the network
+update, which is the same network and the same arithmetic in both. If the update costs the same,
+our advantage is bounded by Amdahl's law: even a free rollout gives at most ``1 / update_share_of_sb3``:
+1.32 at the 75.6% measured with 4 epochs per rollout, short of issue 3's 1.5; 1.62 at the 62% measured
+with the 2 epochs of the current default (BENCHMARKS.md).
 This script measures whether the update itself has room left: the milliseconds of one minibatch
 (forward of both towers, the PPO loss, backward, gradient-norm clipping, fused Adam), the
 floating-point work it does (counted by ``torch.utils.flop_counter``), the rate that gives, and the
