@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from innercritic.agents.networks import ActorCritic
-from innercritic.probing.closed_form import DEFAULT_ALPHAS, fit_ridge
 from innercritic.probing.evaluate import Split, calibrated, evaluation_table, fit_ceilings, hook_features
 from innercritic.probing.planning import compare_planners, critic_value_fn, probe_value_fn
 from innercritic.probing.losses import LossConfig, probe_loss_terms
@@ -64,7 +63,7 @@ class ValueProbe(L.LightningModule):
         primary_hook: the hook point whose figures headline the summary; None: the last served hook point.
         eval_seed: seed of the evaluation's random floors (random direction, random network).
         penalty: ``match`` gives each supervised probe the L2 strength its closed-form counterpart chose on the
-            calibration split (ridge's for ``mc``, LSTD's for ``td``; per hook point and version), so the SGD
+            calibration split (ridge's for ``mc``, LSTD's for ``td``; one per hook point), so the SGD
             probe converges to that regularised optimum rather than overfitting a wide layer; ``none``: no penalty.
         planning_episodes: when > 0, plan one step ahead with the first configuration's probe, ridge (both at
             the primary hook point) and the critic on this many held-out episodes each, next to the policy.
@@ -323,10 +322,8 @@ class ValueProbe(L.LightningModule):
         mean, std = getattr(self, f"mean@{tag}").cpu(), getattr(self, f"std@{tag}").cpu()
         first = next(iter(self.loss_configs))
         w, b = self.linear_map(first, hook)
-        tr, ca = train.rows(0), calib.rows(0)
-        cal = calib if len(ca) >= 2 else train  # tiny runs: no calibration split to choose the penalty on
-        ca = cal.rows(0)
-        ridge = fit_ridge(train.x[hook][tr], train.ret[tr], DEFAULT_ALPHAS, cal.x[hook][ca], cal.ret[ca])
+        ceilings = self.ceilings or fit_ceilings(train, calib, self.gamma, len(dm.version_names), hooks=[hook])
+        ridge = ceilings[hook][0]["ridge"]
         sources = {
             f"probe:{first}": probe_value_fn(agent, hook, mean, std, w[0].cpu(), b[0].cpu()),
             "ridge": probe_value_fn(agent, hook, mean, std, torch.from_numpy(ridge.w).float(), float(ridge.b)),

@@ -17,6 +17,7 @@ from innercritic.probing import (
     r2,
     spearman,
 )
+from innercritic.probing.evaluate import shared_penalty
 
 # --------------------------------------------------------------------------------------------
 # Standardiser
@@ -69,6 +70,28 @@ def test_ridge_without_calibration_uses_smallest_alpha():
     x, y = _linear_data(rng, 50, 3, np.ones(3), 0.0, 0.1)
     assert fit_ridge(x, y).alpha == min(DEFAULT_ALPHAS) == pytest.approx(1e-4)
     assert fit_ridge(x, y, alphas=(10.0, 0.5, 3.0)).alpha == 0.5
+
+
+def test_shared_penalty_maximises_the_mean_calibration_r2_over_versions():
+    # Version i's fit at penalty alpha predicts x / (1 + alpha). Version 0's calibration returns are x
+    # (alone it would choose alpha 0), version 1's are x / 4 (alone: alpha 3). Mean R^2 by hand:
+    # alpha 0: (1 + (1 - 0.5625 / 0.0625)) / 2 = -3.5; alpha 1: (0.75 + 0) / 2 = 0.375;
+    # alpha 3: (0.4375 + 1) / 2 = 0.71875. So both versions get their alpha-3 fits.
+    x = np.linspace(-1.0, 1.0, 41)
+    path = lambda alpha: LinearValue(w=np.array([1.0 / (1.0 + alpha)]), b=0.0, alpha=alpha)  # noqa: E731
+    calib = [(x[:, None], x), (x[:, None], x / 4)]
+    assert [f.alpha for f in shared_penalty([path, path], (0.0, 1.0, 3.0), [calib[0], calib[0]])] == [0.0, 0.0]
+    assert [f.alpha for f in shared_penalty([path, path], (3.0, 0.0, 1.0), calib)] == [3.0, 3.0]
+
+    def singular_at_3(alpha):
+        if alpha == 3.0:
+            raise np.linalg.LinAlgError("singular")
+        return path(alpha)
+
+    # An alpha whose system is singular is skipped; a version without a fit keeps None and no vote.
+    assert [f.alpha for f in shared_penalty([path, singular_at_3], (0.0, 1.0, 3.0), calib)] == [1.0, 1.0]
+    fits = shared_penalty([None, path], (0.0, 1.0, 3.0), calib)
+    assert fits[0] is None and fits[1].alpha == 3.0
 
 
 def test_ridge_calibration_picks_large_alpha_on_pure_noise():

@@ -2,8 +2,9 @@
 
 - :class:`Standardiser`: per-feature mean/std fitted on the training split only.
 - :func:`fit_ridge`: ridge regression on returns with an unpenalised intercept, the penalty picked
-  by R^2 on a calibration split.
-- :func:`fit_lstd`: LSTD(0), the closed-form TD fixed point of a linear value.
+  by R^2 on a calibration split; :func:`ridge_path` gives every penalty's fit from one decomposition.
+- :func:`fit_lstd`: LSTD(0), the closed-form TD fixed point of a linear value; :func:`lstd_path` the same
+  for every penalty.
 - :func:`fit_affine`: least-squares scale and offset, to calibrate unsupervised probes (fitted on
   the calibration split, never on test).
 """
@@ -25,6 +26,7 @@ __all__ = [
     "fit_lstd",
     "lstd_path",
     "fit_ridge",
+    "ridge_path",
 ]
 
 #: Log grid of ridge penalties 1e-4 .. 1e6. The top reaches past the number of samples, because wide
@@ -118,6 +120,22 @@ def _ridge_path(xc: np.ndarray, yc: np.ndarray):
     return weights
 
 
+def ridge_path(x: np.ndarray, y: np.ndarray):
+    """A function alpha -> ridge fit of ``y`` on ``x`` (unpenalised intercept), from one eigendecomposition."""
+    a = _matrix(x, "x")
+    t = _vector(y, len(a), "y")
+    if len(a) < 2:
+        raise ValueError(f"need at least 2 samples, got {len(a)}")
+    x_mean, y_mean = a.mean(axis=0, dtype=np.float64), t.mean()
+    path = _ridge_path((a - x_mean).astype(a.dtype), t - y_mean)
+
+    def fit(alpha: float) -> LinearValue:
+        w = path(alpha)
+        return LinearValue(w=w, b=float(y_mean - x_mean @ w), alpha=float(alpha))
+
+    return fit
+
+
 def fit_ridge(
     x: np.ndarray,
     y: np.ndarray,
@@ -130,25 +148,12 @@ def fit_ridge(
     The penalty is the alpha in ``alphas`` with the best R^2 on (``x_cal``, ``y_cal``) when a
     calibration split is given (ties go to the smaller alpha), else the smallest alpha.
     """
-    a = _matrix(x, "x")
-    t = _vector(y, len(a), "y")
-    if len(a) < 2:
-        raise ValueError(f"need at least 2 samples, got {len(a)}")
     grid = sorted(float(al) for al in alphas)
     if not grid or grid[0] < 0:
         raise ValueError(f"alphas must be non-empty and non-negative, got {list(alphas)}")
     if (x_cal is None) != (y_cal is None):
         raise ValueError("give both x_cal and y_cal, or neither")
-
-    x_mean, y_mean = a.mean(axis=0, dtype=np.float64), t.mean()
-    xc, yc = (a - x_mean).astype(a.dtype), t - y_mean
-
-    path = _ridge_path(xc, yc)
-
-    def fit(alpha: float) -> LinearValue:
-        w = path(alpha)
-        return LinearValue(w=w, b=float(y_mean - x_mean @ w), alpha=alpha)
-
+    fit = ridge_path(x, y)
     if x_cal is None:
         return fit(grid[0])
     ac = _matrix(x_cal, "x_cal")

@@ -4,8 +4,9 @@ The protocol (DESIGN.md, "Evaluation protocol"): on the test episodes of each po
 value source is scored against the Monte-Carlo returns and, in the cheese maze, against the exact
 value of that version's policy. Beside the probes stand
 
-- ceilings on the same activations: closed-form ridge on returns (penalty chosen on the calibration
-  split), LSTD (the TD fixed point; penalty chosen on the calibration split), the agent's own critic;
+- ceilings on the same activations: closed-form ridge on returns and LSTD (the TD fixed point), each
+  with one penalty per hook point chosen on the calibration split (:func:`shared_penalty`), and the
+  agent's own critic;
 - floors: the training mean, a regression on the time step, ridge on the raw observations, ridge on
   the same hook point of a randomly initialised copy of the network, and a random direction and the
   top principal component, each calibrated like an unsupervised probe.
@@ -27,7 +28,7 @@ import torch
 
 from innercritic.agents.noisy import parse_version
 from innercritic.envs.maze_values import policy_value
-from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, fit_affine, fit_ridge, lstd_path
+from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, fit_affine, fit_ridge, lstd_path, ridge_path
 from innercritic.probing.metrics import dominance_accuracy, mse_over_var, normalised_td_error, pearson, r2, spearman
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "hook_features",
     "maze_exact_values",
     "score",
+    "shared_penalty",
 ]
 
 LSTD_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -163,18 +165,30 @@ def _row(source: str, hook: str | None, version: int, version_names: Sequence[st
     return {"source": source, "hook": hook, "version": version_names[version], **figures, **extra}
 
 
-def _fit_lstd_on_calib(x_tr, xn_tr, tr, x_ca, ca, gamma) -> LinearValue | None:
-    best, best_score = None, -np.inf
-    lstd = lstd_path(x_tr, xn_tr, tr.reward_, tr.terminal_, gamma)
-    for alpha in LSTD_ALPHAS:
+def shared_penalty(paths: Sequence[Callable[[float], LinearValue] | None], alphas: Sequence[float],
+                   calib: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[LinearValue | None]:
+    """Every version's fit at one penalty: the alpha in ``alphas`` with the best mean calibration R^2.
+
+    ``paths[i]`` maps a penalty to version i's fit (None: no fit for that version) and ``calib[i]`` is
+    (features, returns) of its calibration rows; each version is scored on its own rows and the
+    scores are averaged, ties going to the smaller alpha. Why one penalty for all versions: a penalty
+    chosen on one version's third of the calibration split (12 episodes on the maze default) was noisy
+    enough to pick alpha 1 for an LSTD fit that then scored R^2 -3.3 on test, where alpha 1e5 scored
+    -0.09 (BENCHMARKS.md, "TD probe against LSTD"); the penalty is a property of the layer and the
+    estimator, so every version's episodes vote on it. An alpha whose system is singular is skipped.
+    """
+    best: list[LinearValue | None] | None = None
+    best_score = -np.inf
+    for alpha in sorted(float(a) for a in alphas):
         try:
-            cand = lstd(alpha)
+            fits = [None if path is None else path(alpha) for path in paths]
         except np.linalg.LinAlgError:
             continue
-        s = r2(cand.predict(x_ca), ca.ret_) if len(x_ca) > 1 else -float(np.abs(cand.w).sum())
-        if best is None or s > best_score:
-            best, best_score = cand, s
-    return best
+        scores = [r2(fit.predict(x), y) for fit, (x, y) in zip(fits, calib) if fit is not None and len(y) > 1]
+        score = float(np.mean(scores)) if scores else 0.0
+        if best is None or score > best_score:
+            best, best_score = fits, score
+    return best if best is not None else [None] * len(paths)
 
 
 def _per_version(train: Split, calib: Split, test: Split, V: int) -> tuple[list[Split], list[tuple[_Rows, _Rows, _Rows]]]:
@@ -185,28 +199,33 @@ def _per_version(train: Split, calib: Split, test: Split, V: int) -> tuple[list[
                              _Rows(test, test.rows(i))) for i in range(V)]
 
 
-def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int) -> dict[str, list[dict[str, LinearValue]]]:
-    """Ridge and LSTD per hook point and policy version, each penalty chosen on the calibration split.
+def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int,
+                 hooks: Sequence[str] | None = None) -> dict[str, list[dict[str, LinearValue]]]:
+    """Ridge and LSTD per hook point and policy version, each at the penalty of :func:`shared_penalty`.
 
     ``{hook: [{"ridge": LinearValue, "lstd": LinearValue}, ...one per version]}`` (a version with
-    fewer than 2 train rows gets an empty dict). The probe module reads the chosen penalties to give
-    its SGD probes the same L2 strength, and hands the fits back to :func:`evaluation_table`.
+    fewer than 2 train rows gets an empty dict), for ``hooks`` (None: every hook point of the splits).
+    The probe module reads the chosen penalties to give its SGD probes the same L2 strength, and hands
+    the fits back to :func:`evaluation_table`.
     """
     calib_or_train, per_version = _per_version(train, calib, train, num_versions)
+    fitted = [i for i, (tr, _, _) in enumerate(per_version) if len(tr.rows) >= 2]
     out: dict[str, list[dict[str, LinearValue]]] = {}
-    for hook in train.x:
-        out[hook] = []
-        for i, (tr, ca, _) in enumerate(per_version):
-            if len(tr.rows) < 2:
-                out[hook].append({})
-                continue
-            x_tr, xn_tr, x_ca = train.x[hook][tr.rows], train.x_next[hook][tr.rows], calib_or_train[i].x[hook][ca.rows]
-            fits = {"ridge": fit_ridge(x_tr, tr.ret_, DEFAULT_ALPHAS, x_ca, ca.ret_)}
-            lstd = _fit_lstd_on_calib(x_tr, xn_tr, tr, x_ca, ca, gamma)
-            if lstd is not None:
-                fits["lstd"] = lstd
-            out[hook].append(fits)
+    for hook in train.x if hooks is None else hooks:
+        cal = [(calib_or_train[i].x[hook][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)]
+        ridge = [ridge_path(train.x[hook][tr.rows], tr.ret_) if i in fitted else None
+                 for i, (tr, _, _) in enumerate(per_version)]
+        lstd = [lstd_path(train.x[hook][tr.rows], train.x_next[hook][tr.rows], tr.reward_, tr.terminal_, gamma)
+                if i in fitted else None for i, (tr, _, _) in enumerate(per_version)]
+        fits = {"ridge": shared_penalty(ridge, DEFAULT_ALPHAS, cal), "lstd": shared_penalty(lstd, LSTD_ALPHAS, cal)}
+        out[hook] = [{kind: f[i] for kind, f in fits.items() if f[i] is not None} for i in range(num_versions)]
     return out
+
+
+def _ridge_floor(x_train: np.ndarray, x_calib: np.ndarray, per_version) -> list[LinearValue | None]:
+    """A ridge floor on other features (raw observations, a random network) per version, chosen like the ceilings."""
+    paths = [ridge_path(x_train[tr.rows], tr.ret_) if len(tr.rows) >= 2 else None for tr, _, _ in per_version]
+    return shared_penalty(paths, DEFAULT_ALPHAS, [(x_calib[i][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)])
 
 
 def _linear_sources(ceilings: Mapping[str, LinearValue], x_tr, rng) -> dict[str, tuple[LinearValue, bool]]:
@@ -270,6 +289,10 @@ def evaluation_table(
 
     for hook in train.x:
         fitted: dict[str, list[LinearValue]] = {}
+        random_floor = None
+        if random_net and hook in random_net:
+            r_tr, _, r_ca, _, _ = random_net[hook]
+            random_floor = _ridge_floor(r_tr, [r_ca if calib_or_train[i] is calib else r_tr for i in range(V)], per_version)
         for i, (tr, ca, te) in enumerate(per_version):
             if len(tr.rows) < 2 or len(te.rows) < 2:
                 continue
@@ -298,10 +321,9 @@ def evaluation_table(
                     all_v = predict(test.x[hook])
                     extra["dominance"] = dominance_accuracy(all_v[:, 0], all_v[:, i])
                 rows.append(_row(name, hook, i, version_names, score(pred, pred_next, test, te.rows, gamma), **extra))
-            if random_net and hook in random_net:
-                r_tr, rn_tr, r_ca, r_te, rn_te = random_net[hook]
-                r_cal = r_ca if calib_or_train[i] is calib else r_tr
-                lin = fit_ridge(r_tr[tr.rows], tr.ret_, DEFAULT_ALPHAS, r_cal[ca.rows], ca.ret_)
+            if random_floor is not None and random_floor[i] is not None:
+                _, _, _, r_te, rn_te = random_net[hook]
+                lin = random_floor[i]
                 rows.append(_row("random_net", hook, i, version_names,
                                  score(lin.predict(r_te[te.rows]), lin.predict(rn_te[te.rows]), test, te.rows, gamma)))
         # Dominance of the separately fitted per-version ceilings, on every test state.
@@ -315,6 +337,9 @@ def evaluation_table(
                         row["dominance"] = dominance_accuracy(v0, lins[i].predict(test.x[hook]))
 
     # Sources that do not depend on a hook point.
+    raw_floor = None
+    if train.obs is not None and test.obs is not None and calib.obs is not None:
+        raw_floor = _ridge_floor(train.obs.astype(np.float64), [c.obs.astype(np.float64) for c in calib_or_train], per_version)
     for i, (tr, ca, te) in enumerate(per_version):
         if len(tr.rows) < 2 or len(te.rows) < 2:
             continue
@@ -325,9 +350,8 @@ def evaluation_table(
         lin = fit_ridge(tr.step_[:, None], tr.ret_, (0.0,))
         rows.append(_row("time", None, i, version_names,
                          score(lin.predict(te.step_[:, None]), lin.predict(te.step_[:, None] + 1), test, te.rows, gamma)))
-        if train.obs is not None and test.obs is not None and calib.obs is not None:
-            lin = fit_ridge(train.obs[tr.rows].astype(np.float64), tr.ret_, DEFAULT_ALPHAS,
-                            calib_or_train[i].obs[ca.rows].astype(np.float64), ca.ret_)
+        if raw_floor is not None and raw_floor[i] is not None:
+            lin = raw_floor[i]
             nxt = lin.predict(test.obs_next[te.rows].astype(np.float64)) if test.obs_next is not None else None
             rows.append(_row("raw_obs", None, i, version_names,
                              score(lin.predict(test.obs[te.rows].astype(np.float64)), nxt, test, te.rows, gamma)))
