@@ -42,8 +42,14 @@ Where SB3 cannot be matched exactly:
 - optimiser: ours is ``Adam(fused=True)``; SB3 keeps its default Adam (foreach), as an SB3 user would
   (``--sb3-fused-adam`` gives SB3 the fused kernel too).
 - rollout storage: SB3's buffer holds float32 numpy observations and per-step Python bookkeeping; ours
-  uint8 tensors. Both sample from ``Categorical`` and evaluate both towers per rollout step.
-- SB3 bootstraps each truncated env with its own forward pass; ours does one batched forward.
+  uint8 tensors.
+- rollout forward passes: SB3 evaluates both towers at every step (a ``Categorical`` per step); ours runs
+  the policy tower per step (softmax sampling, no distribution object) and the critic tower once per
+  rollout over all its observations, in batches of 1024 (the same parameters, so the same values up to
+  float rounding; ``datamodules.rollout.RolloutDataModule.collect``). SB3's rollout loop has no way to
+  defer the values, so this is counted as ours.
+- SB3 bootstraps each truncated env with its own forward pass; ours values the final observations of a
+  whole rollout in one batch.
 - initial weights differ (same init scheme, different RNG draws), so learning curves differ by seed
   noise even where the algorithms agree.
 

@@ -27,6 +27,9 @@ from innercritic.envs.factory import env_family, make_env
 # Evaluation levels come from a seed range training never draws from (training seeds are small).
 EVAL_SEED_OFFSET = 1_000_000_007
 POLICY = PolicyVersion("policy")  # evaluation samples the policy itself (no noise)
+# Observations per forward pass when the critic values a whole rollout: large enough to run near the
+# CPU's best rate, small enough that an Atari rollout's float copy stays in the tens of megabytes.
+VALUE_BATCH = 1024
 
 
 class _Tokens(IterableDataset):
@@ -178,33 +181,51 @@ class RolloutDataModule(L.LightningDataModule):
 
         Truncated steps bootstrap: their reward gains ``gamma * V(final obs)``, so GAE can cut the
         episode there like a terminal without teaching the critic that time limits end the world.
+
+        With a separate critic tower, the steps run the policy tower only and the critic values every
+        observation of the rollout afterwards, in batches of ``VALUE_BATCH``: the parameters do not change
+        within a rollout, so these are the values a per-step forward would give (up to float rounding),
+        and on CPU a few large batches cost far less than ``num_steps`` batches of ``num_envs``
+        (BENCHMARKS.md, "PPO against Stable-Baselines3"). With a shared tower the features are computed
+        for the logits anyway, so the value comes with them.
         """
         device = next(agent.parameters()).device
         T, N = self.num_steps, self.num_envs
+        separate = getattr(agent, "critic_encoder", None) is not None
         obs_buf = torch.empty((T, N, *self.obs_shape), dtype=torch.uint8, device=device)
         actions = torch.empty((T, N), dtype=torch.int64, device=device)
         logprobs = torch.empty((T, N), device=device)
         values = torch.empty((T, N), device=device)
         rewards = torch.empty((T, N), device=device)
         dones = torch.empty((T, N), device=device)
+        truncations: list[tuple[int, np.ndarray, np.ndarray]] = []  # (step, envs, their final obs)
         obs = torch.from_numpy(self._obs).to(device)
         for t in range(T):
             obs_buf[t] = obs
-            logits, value = agent(obs)
-            dist = torch.distributions.Categorical(logits=logits)
-            action = dist.sample()
-            actions[t], logprobs[t], values[t] = action, dist.log_prob(action), value
+            if separate:
+                logits = agent.policy_logits(obs)
+            else:
+                logits, values[t] = agent(obs)
+            # Categorical's sampling and log-probability, without building a distribution object per step.
+            logp = logits.log_softmax(-1)
+            action = torch.multinomial(logp.exp(), 1, True).squeeze(1)
+            actions[t], logprobs[t] = action, logp.gather(1, action[:, None]).squeeze(1)
             next_obs, reward, terminated, truncated, info = self.envs.step(action.cpu().numpy())
             self.tracker.update(reward, terminated, truncated, info)
-            reward_t = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            rewards[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             if truncated.any():
-                final = torch.from_numpy(info["final_obs"][truncated]).to(device)
-                reward_t[torch.from_numpy(truncated).to(device)] += gamma * agent(final)[1]
-            rewards[t] = reward_t
+                truncations.append((t, np.flatnonzero(truncated), info["final_obs"][truncated]))
             dones[t] = torch.from_numpy(terminated | truncated).to(device, torch.float32)
             obs = torch.from_numpy(next_obs).to(device)
         self._obs = next_obs
-        next_value = agent(obs)[1]
+        if separate:
+            values.copy_(torch.cat([agent.value(chunk) for chunk in obs_buf.flatten(0, 1).split(VALUE_BATCH)]).view(T, N))
+        next_value = agent.value(obs)
+        if truncations:
+            final = torch.from_numpy(np.concatenate([f for _, _, f in truncations])).to(device)
+            steps = torch.from_numpy(np.concatenate([np.full(len(e), t) for t, e, _ in truncations])).to(device)
+            envs = torch.from_numpy(np.concatenate([e for _, e, _ in truncations])).to(device)
+            rewards[steps, envs] += gamma * agent.value(final)
         return Rollout(obs_buf, actions, logprobs, values, rewards, dones, next_value, self.tracker.pop())
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ import torch
 
 from datamodules.rollout import RolloutDataModule
 from innercritic.agents import load_agent
+from innercritic.agents.networks import ActorCritic
 from lightning_modules.ppo import PPO, compute_gae, ppo_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,38 @@ def test_gae_matches_hand_computation():
     adv, ret = compute_gae(rewards, values, dones, next_value, g, lam)
     assert torch.allclose(adv, expected)
     assert torch.allclose(ret, expected + values)
+
+
+@pytest.mark.parametrize("separate_critic", [True, False])
+def test_rollout_matches_a_step_by_step_replay_with_truncations_bootstrapped(separate_critic):
+    # With a separate critic the rollout values every observation in batches after the steps; a replay of
+    # the same envs with the recorded actions, one full forward per step, must see the same values,
+    # log-probabilities and rewards, truncated steps carrying + gamma * V(final obs).
+    kwargs = dict(env="maze", env_kwargs={"size": 5, "max_steps": 6}, num_envs=4, num_steps=20, seed=3)
+    dm, replay = RolloutDataModule(**kwargs), RolloutDataModule(**kwargs)
+    dm.setup("fit")
+    replay.setup("fit")
+    torch.manual_seed(0)
+    agent = ActorCritic(dm.obs_shape, dm.num_actions, arch="small", separate_critic=separate_critic, channels=(4,), hidden=8)
+    gamma = 0.9
+    ro = dm.collect(agent, gamma)
+    obs = replay._obs
+    truncated_steps = 0
+    with torch.inference_mode():
+        for t in range(20):
+            assert torch.equal(ro.obs[t], torch.from_numpy(obs))
+            logits, value = agent(torch.from_numpy(obs))
+            torch.testing.assert_close(ro.values[t], value, atol=1e-5, rtol=0)
+            torch.testing.assert_close(ro.logprobs[t], logits.log_softmax(-1).gather(1, ro.actions[t][:, None]).squeeze(1))
+            obs, reward, terminated, truncated, info = replay.envs.step(ro.actions[t].numpy())
+            expected = torch.as_tensor(reward, dtype=torch.float32)
+            if truncated.any():
+                expected[torch.from_numpy(truncated)] += gamma * agent(torch.from_numpy(info["final_obs"][truncated]))[1]
+                truncated_steps += 1
+            torch.testing.assert_close(ro.rewards[t], expected, atol=1e-5, rtol=0)
+            assert torch.equal(ro.dones[t], torch.from_numpy(terminated | truncated).float())
+        torch.testing.assert_close(ro.next_value, agent(torch.from_numpy(obs))[1], atol=1e-5, rtol=0)
+    assert truncated_steps >= 2, "the 6-step limit must truncate episodes within 20 steps"
 
 
 def test_maze_run_leaves_checkpoint_metrics_summary_and_wandb(maze_run):

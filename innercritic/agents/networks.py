@@ -118,13 +118,18 @@ def _recentre(features: Tensor, mask: Tensor) -> Tensor:
     b, c, h, w = features.shape
     where = mask.flatten(1).argmax(1)
     row, col = where // w, where % w
-    padded = F.pad(features, (w - 1, w - 1, h - 1, h - 1)).flatten(2)  # (B, C, (3H-2) * (3W-2))
-    rows = row[:, None, None] + torch.arange(2 * h - 1, device=features.device)[:, None]
-    cols = col[:, None, None] + torch.arange(2 * w - 1, device=features.device)
-    index = (rows * (3 * w - 2) + cols).flatten(1)[:, None].expand(b, c, -1)
+    # Frame square (i, j) reads feature square (row + i - h + 1, col + j - w + 1), or a zero where that
+    # falls off the grid: one gather from the H*W squares plus a zero slot at index H*W. (Padding the
+    # features to (3H-2, 3W-2) first gives the same values, but its backward fills and scatters into a
+    # tensor 7.6x larger on 9x9 grids, a tenth of a PPO update's time.)
+    rows = row[:, None] + torch.arange(-(h - 1), h, device=features.device)  # (B, 2H-1)
+    cols = col[:, None] + torch.arange(-(w - 1), w, device=features.device)  # (B, 2W-1)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    index = torch.where(inside, rows[:, :, None] * w + cols[:, None, :], h * w).flatten(1)
+    slots = torch.cat((features.flatten(2), features.new_zeros(b, c, 1)), 2)  # (B, C, H*W + 1)
     # gather, not advanced indexing: its backward is a scatter-add, several times faster on CPU than
     # the sorted index_put that advanced indexing needs
-    return padded.gather(2, index).view(b, c, 2 * h - 1, 2 * w - 1)
+    return slots.gather(2, index[:, None].expand(b, c, -1)).view(b, c, 2 * h - 1, 2 * w - 1)
 
 
 class _Tower(nn.Module):
@@ -320,3 +325,9 @@ class ActorCritic(HookedModule):
     def policy_logits(self, obs: Tensor) -> Tensor:
         """Logits only, skipping the critic tower when there is one (rollouts that need no value)."""
         return self.hook_logits(self.policy_head(self.encoder(self._prepare(obs))))
+
+    def value(self, obs: Tensor) -> Tensor:
+        """Value only, skipping the policy tower when there is one (a rollout's values, in one batch)."""
+        x = self._prepare(obs)
+        features = self.encoder(x) if self.critic_encoder is None else self.critic_encoder(x)
+        return self.hook_value(self.value_head(features).squeeze(-1))
