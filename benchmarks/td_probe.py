@@ -37,6 +37,9 @@ from pathlib import Path
 from _report import machine, report
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from loop import closed_form_gaps  # noqa: E402  (the loop report's convergence check)
+
 SETTINGS = {
     "minibatch": ["--data.batch_size=512", "--trainer.max_epochs=12", "--trainer.check_val_every_n_epoch=1"],
     "full_batch": ["--data.batch_size=0", "--trainer.max_epochs=200", "--trainer.check_val_every_n_epoch=50"],
@@ -45,10 +48,8 @@ SETTINGS = {
 
 def gaps(summary: dict) -> dict[str, float]:
     """Largest |probe - closed form| R^2 gap over the hook points, for mc (ridge) and td (LSTD)."""
-    r2 = {(row["source"], row["hook"]): row["r2_return"] for row in summary["table"] if row["version"] == "policy"}
-    hooks = sorted({hook for (source, hook) in r2 if source == "probe:td"})
-    return {f"{name}_gap": max(abs(r2[(f"probe:{name}", h)] - r2[(closed, h)]) for h in hooks)
-            for name, closed in (("mc", "ridge"), ("td", "lstd"))}
+    found = closed_form_gaps([summary["table"]], "policy")
+    return {f"{name}_gap": max(found[f"probe:{name} vs {closed}"].values()) for name, closed in (("mc", "ridge"), ("td", "lstd"))}
 
 
 def run(agent_ckpt: str, cache_dir: str, seed: int, extra: list[str], root: Path) -> tuple[dict[str, float], float]:

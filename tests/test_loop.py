@@ -48,7 +48,8 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
         run_file(root / stage / "wandb")  # exactly one offline W&B run per stage
     report = (root / "report" / "report.md").read_text()
     for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: value_probe",
-                    "| probe:mc |", "| ridge |", "| lstd |", "| critic |", "| random_net |", "± "):
+                    "| probe:mc |", "| ridge |", "| lstd |", "| critic |", "| random_net |", "± ",
+                    "| probe:mc vs ridge |", "| probe:td vs lstd |"):
         assert section in report, section
     for line in report.splitlines():
         if line.startswith("!["):
@@ -120,3 +121,19 @@ def test_the_cheese_vector_verdict_follows_the_intervals_it_quotes():
     nothing = _row("cheese", -2, (0.55, 0.45, 0.65), (0.3, 0.2, 0.4))
     assert "**does not reproduce** (P(reach cheese)" in cheese_vector_verdict([base, nothing, control])
     assert cheese_vector_verdict([base]) is None, "no negative coefficient: nothing to judge"
+
+
+def test_closed_form_gaps_take_the_largest_difference_over_seeds_per_hook():
+    from loop import closed_form_gaps
+
+    def table(mc, ridge, td, lstd):
+        rows = [("probe:mc", mc), ("ridge", ridge), ("probe:td", td), ("lstd", lstd)]
+        return [{"source": s, "hook": h, "version": "policy", "r2_return": v[i]} for s, v in rows for i, h in enumerate("ab")] + [
+            {"source": "probe:mc", "hook": "a", "version": "eps:0.5", "r2_return": 9.0}]  # other versions do not count
+
+    seeds = [table((0.5, 0.1), (0.5, 0.2), (0.0, -1.0), (0.01, -1.0)), table((0.3, 0.1), (0.33, 0.1), (0.2, 0.2), (0.2, 0.2))]
+    gaps = closed_form_gaps(seeds, "policy")
+    assert gaps.keys() == {"probe:mc vs ridge", "probe:td vs lstd"}
+    assert gaps["probe:mc vs ridge"] == pytest.approx({"a": 0.03, "b": 0.1})
+    assert gaps["probe:td vs lstd"] == pytest.approx({"a": 0.01, "b": 0.0})
+    assert closed_form_gaps([[{"source": "probe:mc", "hook": "a", "version": "policy", "r2_return": 0.1}]], "policy") == {}
