@@ -209,21 +209,20 @@ def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int,
     the fits back to :func:`evaluation_table`.
     """
     calib_or_train, per_version = _per_version(train, calib, train, num_versions)
-    fitted = [i for i, (tr, _, _) in enumerate(per_version) if len(tr.rows) >= 2]
     out: dict[str, list[dict[str, LinearValue]]] = {}
     for hook in train.x if hooks is None else hooks:
         cal = [(calib_or_train[i].x[hook][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)]
-        ridge = [ridge_path(train.x[hook][tr.rows], tr.ret_) if i in fitted else None
-                 for i, (tr, _, _) in enumerate(per_version)]
         lstd = [lstd_path(train.x[hook][tr.rows], train.x_next[hook][tr.rows], tr.reward_, tr.terminal_, gamma)
-                if i in fitted else None for i, (tr, _, _) in enumerate(per_version)]
-        fits = {"ridge": shared_penalty(ridge, DEFAULT_ALPHAS, cal), "lstd": shared_penalty(lstd, LSTD_ALPHAS, cal)}
+                if len(tr.rows) >= 2 else None for tr, _, _ in per_version]
+        fits = {"ridge": _shared_ridge(train.x[hook], [c.x[hook] for c in calib_or_train], per_version),
+                "lstd": shared_penalty(lstd, LSTD_ALPHAS, cal)}
         out[hook] = [{kind: f[i] for kind, f in fits.items() if f[i] is not None} for i in range(num_versions)]
     return out
 
 
-def _ridge_floor(x_train: np.ndarray, x_calib: np.ndarray, per_version) -> list[LinearValue | None]:
-    """A ridge floor on other features (raw observations, a random network) per version, chosen like the ceilings."""
+def _shared_ridge(x_train: np.ndarray, x_calib: Sequence[np.ndarray], per_version) -> list[LinearValue | None]:
+    """Ridge on returns per version at one :func:`shared_penalty` (the ceiling, and the floors on raw
+    observations and on a random network); ``x_calib[i]`` holds version i's calibration rows."""
     paths = [ridge_path(x_train[tr.rows], tr.ret_) if len(tr.rows) >= 2 else None for tr, _, _ in per_version]
     return shared_penalty(paths, DEFAULT_ALPHAS, [(x_calib[i][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)])
 
@@ -292,7 +291,7 @@ def evaluation_table(
         random_floor = None
         if random_net and hook in random_net:
             r_tr, _, r_ca, _, _ = random_net[hook]
-            random_floor = _ridge_floor(r_tr, [r_ca if calib_or_train[i] is calib else r_tr for i in range(V)], per_version)
+            random_floor = _shared_ridge(r_tr, [r_ca if calib_or_train[i] is calib else r_tr for i in range(V)], per_version)
         for i, (tr, ca, te) in enumerate(per_version):
             if len(tr.rows) < 2 or len(te.rows) < 2:
                 continue
@@ -339,7 +338,7 @@ def evaluation_table(
     # Sources that do not depend on a hook point.
     raw_floor = None
     if train.obs is not None and test.obs is not None and calib.obs is not None:
-        raw_floor = _ridge_floor(train.obs.astype(np.float64), [c.obs.astype(np.float64) for c in calib_or_train], per_version)
+        raw_floor = _shared_ridge(train.obs.astype(np.float64), [c.obs.astype(np.float64) for c in calib_or_train], per_version)
     for i, (tr, ca, te) in enumerate(per_version):
         if len(tr.rows) < 2 or len(te.rows) < 2:
             continue
