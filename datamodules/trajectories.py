@@ -282,12 +282,17 @@ class TrajectoryDataModule(L.LightningDataModule):
         dataset = self._datasets[split]
         if self.batch_size == 0:
             # Every step sees the same batch, so it is read from the maps once; batch_size=None: no collation.
-            if split not in self._whole:
-                self._whole[split] = dataset.__getitems__(list(range(len(dataset))))
-            return DataLoader([self._whole[split]], batch_size=None)
+            return DataLoader([self._whole_batch(split)], batch_size=None)
         generator = torch.Generator().manual_seed(self.split_seed) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, collate_fn=_identity,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def _whole_batch(self, split: str) -> dict[str, Any]:
+        """Every transition of ``split`` as one batch, gathered on first use and kept (full-batch mode)."""
+        if split not in self._whole:
+            dataset = self._datasets[split]
+            self._whole[split] = dataset.__getitems__(list(range(len(dataset))))
+        return self._whole[split]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -321,8 +326,15 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Every transition of ``split`` in memory, activations standardised with the train statistics."""
         dataset = self._datasets[split]
         rows, n, c = dataset.rows, len(dataset.rows), self.cache
-        x = {h: dataset.standardised(h, rows) for h in self.hooks}
-        x_next = {h: dataset.standardised(h, rows + 1) for h in self.hooks}
+        if self.batch_size == 0:
+            # The full batch the loader serves holds these same standardised rows (in the same, sorted
+            # order): share its memory rather than gather the activations a second time.
+            whole = self._whole_batch(split)
+            x = {h: whole["x"][h].numpy() for h in self.hooks}
+            x_next = {h: whole["x_next"][h].numpy() for h in self.hooks}
+        else:
+            x = {h: dataset.standardised(h, rows) for h in self.hooks}
+            x_next = {h: dataset.standardised(h, rows + 1) for h in self.hooks}
         col = lambda name, r=rows: np.asarray(self._columns[name][r])  # noqa: E731
         exact = self.exact_values()
         obs_dim = int(np.prod(self.agent.obs_shape))
