@@ -1,5 +1,6 @@
 """Stable-Baselines3 glue for ``benchmarks/ppo_vs_sb3.py``: the cheese maze as an SB3 ``VecEnv``, the
-InnerCritic tower as an SB3 features extractor, and a callback that clocks the success threshold.
+InnerCritic tower as an SB3 features extractor (and a policy whose critic tower can have its own
+widths), and a callback that clocks the success threshold.
 
 Needs ``stable-baselines3`` (the ``bench`` extra: ``pip install -e .[bench]``); nothing in the package
 imports this module.
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -104,6 +106,32 @@ class InnerCriticTower(BaseFeaturesExtractor):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         # SB3 already made the uint8 obs float (0/1 maze obs are not an "image space", so no /255).
         return self.encoder(obs if self.obs_scale == 1.0 else obs * self.obs_scale)
+
+
+class InnerCriticPolicy(ActorCriticPolicy):
+    """SB3's actor-critic policy with a critic tower of its own widths, as ours has with
+    ``critic_channels`` / ``critic_hidden``.
+
+    With ``share_features_extractor=False`` SB3 makes two features extractors from the same kwargs, the
+    actor's first and the critic's second; here the second gets ``critic_kwargs`` on top, and the value
+    head reads the critic's feature width (``net_arch=dict(pi=[], vf=[])`` makes the MLP extractor an
+    identity, so its critic latent is the critic tower's features).
+    """
+
+    def __init__(self, *args: Any, critic_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._critic_kwargs = dict(critic_kwargs or {})
+        self._extractors_made = 0
+        super().__init__(*args, **kwargs)
+
+    def make_features_extractor(self) -> BaseFeaturesExtractor:
+        self._extractors_made += 1
+        critic = self._extractors_made == 2 and not self.share_features_extractor
+        kwargs = {**self.features_extractor_kwargs, **(self._critic_kwargs if critic else {})}
+        return self.features_extractor_class(self.observation_space, **kwargs)
+
+    def _build_mlp_extractor(self) -> None:
+        super()._build_mlp_extractor()
+        self.mlp_extractor.latent_dim_vf = self.vf_features_extractor.features_dim
 
 
 class LinearFromStart:

@@ -14,12 +14,13 @@ What it measures, for each trainer, over the same budget of env steps (``--steps
 
 How the two are matched. Both train on ``CheeseMaze`` with the env, model and data settings of
 ``configs/ppo/maze.yaml`` (env, network, rollout shape, epochs, minibatches, learning rate annealed
-linearly to 0 over the budget, entropy, discount; Adam eps 1e-5, GAE lambda 0.95, clip 0.2, value
+linearly to 0 over the budget, entropy, discount, GAE lambda; Adam eps 1e-5, clip 0.2, value
 clipping 0.2, value 0.5, grad norm 0.5, per-minibatch advantage normalisation from PPO's signature
 defaults), read from that file, with PPO's signature defaults for what it leaves out. Same network
-(the mouse-square features and the egocentric frame included when the config asks for them): SB3's ``ActorCriticPolicy`` gets the ``encoder`` of a fresh ``ActorCritic``
-as features extractor, a second one for the critic (``share_features_extractor=False``, ours
-``separate_critic=True``) and ``net_arch=dict(pi=[], vf=[])``, so its heads are the single linear layers
+(the mouse-square features, the egocentric frame and the critic tower's own widths included when the
+config asks for them): SB3's actor-critic policy (``_sb3_maze.InnerCriticPolicy``) gets the ``encoder``
+of a fresh ``ActorCritic`` as features extractor, a second one for the critic
+(``share_features_extractor=False``, ours ``separate_critic=True``) and ``net_arch=dict(pi=[], vf=[])``, so its heads are the single linear layers
 ours has; both use orthogonal init (gain sqrt 2, policy head 0.01, value head 1). The parameter
 counts are checked equal. Same env code: SB3 steps one vectorised ``CheeseMaze`` through a ``VecEnv``
 adapter (``benchmarks/_sb3_maze.py``) that builds SB3's per-env info dicts (``terminal_observation``,
@@ -58,6 +59,7 @@ Run (from the repository root; needs the ``bench`` extra, ``pip install -e .[ben
     python benchmarks/ppo_vs_sb3.py                    # 300k steps each: ~5 min on an idle 2-core machine
     python benchmarks/ppo_vs_sb3.py --steps 50000      # quick check
     python benchmarks/ppo_vs_sb3.py --threshold 0.5    # 0.8 is not reached in 300k steps with this config
+    python benchmarks/ppo_vs_sb3.py --device cuda      # both networks on the GPU (the envs stay on the CPU)
 
 Timings need an otherwise idle machine: with other jobs on the same cores, 2 torch threads are
 oversubscribed and both trainers slow down several-fold, by amounts that change from minute to minute
@@ -110,8 +112,9 @@ def load_settings(config: Path) -> dict:
     data = dict(cfg["data"].get("init_args", {}))
     if data.get("env", "maze") != "maze":
         raise SystemExit(f"{config} trains on {data.get('env')!r}; this benchmark needs the maze config")
-    if model.get("channels") is not None:
-        model["channels"] = tuple(model["channels"])
+    for key in ("channels", "critic_channels"):
+        if model.get(key) is not None:
+            model[key] = tuple(model[key])
     return {"model": model, "data": data, "seed": cfg.get("seed_everything", 1)}
 
 
@@ -125,7 +128,7 @@ def warmup_rollouts(data: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------- ours
-def run_ours(settings: dict, steps: int, threshold: float, seed: int, warmup: int, wait) -> dict:
+def run_ours(settings: dict, steps: int, threshold: float, seed: int, warmup: int, wait, device: str) -> dict:
     import lightning as L
     import torch
 
@@ -175,7 +178,7 @@ def run_ours(settings: dict, steps: int, threshold: float, seed: int, warmup: in
     # eval_episodes only sizes the evaluation PPO runs after training (untimed); 1 keeps it short.
     dm = RolloutDataModule(**{**settings["data"], "seed": seed, "eval_episodes": 1})
     clock = Clock(dm)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[clock])
     trainer.fit(model, datamodule=dm)
@@ -189,11 +192,11 @@ def run_ours(settings: dict, steps: int, threshold: float, seed: int, warmup: in
 
 
 # ------------------------------------------------------------------------------------------ SB3
-def run_sb3(settings: dict, steps: int, threshold: float, seed: int, warmup: int, wait, fused_adam: bool) -> dict:
+def run_sb3(settings: dict, steps: int, threshold: float, seed: int, warmup: int, wait, fused_adam: bool, device: str) -> dict:
     import torch
     from stable_baselines3 import PPO as SB3PPO
 
-    from _sb3_maze import CheeseMazeVecEnv, InnerCriticTower, LinearFromStart, SuccessClock
+    from _sb3_maze import CheeseMazeVecEnv, InnerCriticPolicy, InnerCriticTower, LinearFromStart, SuccessClock
 
     m, d = settings["model"], settings["data"]
     env = CheeseMazeVecEnv(d["num_envs"], **d.get("env_kwargs", {}))
@@ -202,19 +205,20 @@ def run_sb3(settings: dict, steps: int, threshold: float, seed: int, warmup: int
     optimizer_kwargs = {"eps": 1e-5}  # ours: Adam(eps=1e-5) in PPO.configure_optimizers
     if fused_adam:
         optimizer_kwargs["fused"] = True
+    critic_kwargs = {k: m[f"critic_{k}"] for k in ("channels", "hidden") if m.get(f"critic_{k}") is not None}
     agent = SB3PPO(
-        "MlpPolicy", env,
+        InnerCriticPolicy, env,
         learning_rate=LinearFromStart(m["lr"], rollout, steps) if m["anneal_lr"] else m["lr"],
         n_steps=d["num_steps"], batch_size=rollout // m["num_minibatches"], n_epochs=m["update_epochs"],
         gamma=m["gamma"], gae_lambda=m["gae_lambda"], clip_range=m["clip_coef"],
         clip_range_vf=m["clip_coef"] if m["clip_vloss"] else None, normalize_advantage=m["norm_adv"],
         ent_coef=m["ent_coef"], vf_coef=m["vf_coef"] / 2,  # SB3's value loss is MSE, ours 0.5 * MSE
-        max_grad_norm=m["max_grad_norm"], target_kl=m["target_kl"], seed=seed, device="cpu", verbose=0,
+        max_grad_norm=m["max_grad_norm"], target_kl=m["target_kl"], seed=seed, device=device, verbose=0,
         policy_kwargs=dict(
             features_extractor_class=InnerCriticTower,
             features_extractor_kwargs=dict(arch=m["arch"], channels=m["channels"], hidden=m["hidden"], obs_scale=1.0 / obs_high,
                                            agent_channel=m["agent_channel"], egocentric=m["egocentric"]),
-            share_features_extractor=not m["separate_critic"],
+            share_features_extractor=not m["separate_critic"], critic_kwargs=critic_kwargs,
             net_arch=dict(pi=[], vf=[]), ortho_init=True, optimizer_kwargs=optimizer_kwargs,
         ),
     )
@@ -239,9 +243,9 @@ def worker(args: argparse.Namespace) -> None:
     warmup = warmup_rollouts(settings["data"])
     load_start = os.getloadavg()[0]
     if args.worker == "ppo":
-        out = run_ours(settings, args.steps, args.threshold, seed, warmup, Turns())
+        out = run_ours(settings, args.steps, args.threshold, seed, warmup, Turns(), args.device)
     else:
-        out = run_sb3(settings, args.steps, args.threshold, seed, warmup, Turns(), args.sb3_fused_adam)
+        out = run_sb3(settings, args.steps, args.threshold, seed, warmup, Turns(), args.sb3_fused_adam, args.device)
     out["loadavg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     print(RESULT_TAG + json.dumps(out), flush=True)
 
@@ -252,7 +256,7 @@ class Worker:
 
     def __init__(self, which: str, args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", which, "--steps", str(args.steps), "--threshold", str(args.threshold),
-               "--threads", str(args.threads), "--config", str(args.config)]
+               "--threads", str(args.threads), "--config", str(args.config), "--device", args.device]
         if args.seed is not None:
             cmd += ["--seed", str(args.seed)]
         if args.sb3_fused_adam:
@@ -323,6 +327,8 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="run one trainer to the end, then the other (default: take turns, one rollout + update each)")
     parser.add_argument("--sb3-fused-adam", action="store_true", help="give SB3 the fused Adam ours uses")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both trainers put the network (the envs step on the CPU either way)")
     parser.add_argument("--config", type=Path, default=CONFIG, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["ppo", "sb3"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -386,10 +392,12 @@ def main() -> None:
         "mode": "sequential" if args.sequential else "interleaved",
         "seed": settings["seed"] if args.seed is None else args.seed,
         "num_envs": d["num_envs"], "num_steps": d["num_steps"], "minibatch": d["num_envs"] * d["num_steps"] // m["num_minibatches"],
-        "vf_coef": m["vf_coef"], "sb3_vf_coef": m["vf_coef"] / 2, "sb3_fused_adam": args.sb3_fused_adam,
+        "vf_coef": m["vf_coef"], "sb3_vf_coef": m["vf_coef"] / 2, "sb3_fused_adam": args.sb3_fused_adam, "device": args.device,
         "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "stable_baselines3": stable_baselines3.__version__},
         "machine": machine(),
     }
+    if args.device == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(summary))
 
 

@@ -40,7 +40,8 @@ def settings(config: Path) -> tuple[dict, int]:
     """The network arguments and the minibatch size of a training config, PPO's defaults filling the rest."""
     loaded = load_settings(config)
     model, data = loaded["model"], loaded["data"]
-    net = {k: model[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric")}
+    net = {k: model[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric",
+                                 "critic_channels", "critic_hidden")}
     return net, data["num_envs"] * data["num_steps"] // model["num_minibatches"]
 
 
@@ -162,7 +163,9 @@ def main() -> None:
         torch.set_num_threads(threads)
         ms = time_update(make(), batch, args.repeats)
         peak = matmul_gflops()
-        fused = time_update(fused_towers(make()), batch, args.repeats) if net_args.get("separate_critic") else None
+        # the fused rewrite stacks two towers of the same widths into grouped layers
+        same_widths = net.critic_channels == net.channels and net.critic_hidden == net.hidden
+        fused = time_update(fused_towers(make()), batch, args.repeats) if net.separate_critic and same_widths else None
         cl = time_update(make(), batch, args.repeats, channels_last=True)
         rate = flops / ms / 1e6
         out[f"t{threads}"] = {"update_ms": round(ms, 1), "gflops": round(rate, 1), "matmul_gflops": round(peak, 1),

@@ -85,6 +85,8 @@ class PPO(L.LightningModule):
         hidden: width of the last fully connected layer (None: the architecture's default).
         agent_channel: ``small`` only: also feed the features at the square this obs channel marks (maze mouse: 1).
         egocentric: with ``agent_channel``: the dense layer reads the last conv features recentred on that square.
+        critic_channels: with ``separate_critic``: the critic tower's conv channels (None: ``channels``).
+        critic_hidden: with ``separate_critic``: the critic tower's feature width (None: ``hidden``).
         total_env_steps: env steps (all ranks together) to train for; also the learning-rate schedule's length.
         lr: Adam learning rate at the start.
         anneal_lr: decay the learning rate linearly to 0 over ``total_env_steps``.
@@ -110,6 +112,8 @@ class PPO(L.LightningModule):
         hidden: int | None = None,
         agent_channel: int | None = None,
         egocentric: bool = False,
+        critic_channels: tuple[int, ...] | None = None,
+        critic_hidden: int | None = None,
         total_env_steps: int = 1_000_000,
         lr: float = 5e-4,
         anneal_lr: bool = True,
@@ -141,6 +145,7 @@ class PPO(L.LightningModule):
         # A buffer, so a resumed run continues the count (and the learning-rate schedule) from the checkpoint.
         self.register_buffer("env_steps", torch.zeros((), dtype=torch.int64))
         self.final_eval: dict[str, dict[str, float]] = {}
+        self.final_eval_episodes = 0  # per distribution, all ranks together
         self._fit_start = 0.0
 
     # ------------------------------------------------------------------ construction and checkpoints
@@ -159,13 +164,14 @@ class PPO(L.LightningModule):
                 obs_shape=tuple(dm.obs_shape), num_actions=dm.num_actions, arch=self.hparams.arch,
                 separate_critic=self.hparams.separate_critic, obs_scale=1.0 / dm.obs_high,
                 channels=self.hparams.channels, hidden=self.hparams.hidden, agent_channel=self.hparams.agent_channel,
-                egocentric=self.hparams.egocentric)
+                egocentric=self.hparams.egocentric, critic_channels=self.hparams.critic_channels,
+                critic_hidden=self.hparams.critic_hidden)
             if self.hparams.init_from:
                 source, source_env = load_agent(self.hparams.init_from)
                 check_env_compatible(source_env, dm.env_info, f"init_from checkpoint {self.hparams.init_from}")
                 if source.config != self.agent.config:
                     raise ValueError(f"init_from checkpoint {self.hparams.init_from} holds a {source.config} agent, "
-                                     f"but this run builds {self.agent.config}; match arch/channels/hidden/separate_critic/agent_channel")
+                                     f"but this run builds {self.agent.config}; match arch/channels/hidden/separate_critic/agent_channel/egocentric/critic_channels/critic_hidden")
                 self.agent.load_state_dict(source.state_dict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -271,7 +277,9 @@ class PPO(L.LightningModule):
         # A final evaluation on every rank (the collective keeps ranks in step), averaged over ranks.
         if int(self.env_steps) == 0:  # nothing was trained (e.g. max_epochs=0 to load init_from): nothing to judge
             return
-        results = self.trainer.datamodule.evaluate(self.agent)
+        dm = self.trainer.datamodule
+        results = dm.evaluate(self.agent, episodes=dm.final_eval_episodes)
+        self.final_eval_episodes = dm.final_eval_episodes * self.trainer.world_size
         for dist, figures in results.items():
             for what, value in figures.items():
                 t = torch.tensor(value, dtype=torch.float64, device=self.device)
@@ -292,5 +300,6 @@ class PPO(L.LightningModule):
                 out["p_cheese_heldout"] = held["p_cheese"]
                 out["p_top_right_heldout"] = held["p_top_right"]
         out["eval"] = self.final_eval
+        out["eval_episodes"] = self.final_eval_episodes
         out["rank_fingerprints"] = getattr(self, "rank_fingerprints", [])
         return out

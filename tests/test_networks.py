@@ -192,7 +192,29 @@ def test_config_round_trip():
     assert config == {
         "obs_shape": [3, 9, 9], "num_actions": NUM_ACTIONS, "arch": "impala", "separate_critic": True,
         "obs_scale": 0.5, "channels": [8, 16], "hidden": 64, "agent_channel": None, "egocentric": False,
+        "critic_channels": [8, 16], "critic_hidden": 64,
     }
+    assert make("impala", False).config["critic_channels"] is None  # a shared tower has no critic widths
+
+
+def test_critic_tower_can_be_smaller_than_the_policy_tower():
+    model = ActorCritic((3, 9, 9), NUM_ACTIONS, arch="small", separate_critic=True, channels=(8, 16, 8), hidden=16,
+                        agent_channel=1, egocentric=True, critic_channels=(4, 2), critic_hidden=5)
+    shapes = model.hook_shapes(observations("small"))
+    assert shapes["encoder.block1.hook_out"] == (16, 9, 9) and shapes["encoder.hook_hidden"] == (16,)
+    assert shapes["critic_encoder.block1.hook_out"] == (2, 9, 9) and shapes["critic_encoder.hook_hidden"] == (5,)
+    assert "critic_encoder.block2.hook_out" not in shapes
+    assert model.value_head.in_features == 5
+    rebuilt = ActorCritic(**json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())  # strict: every parameter has the same shape
+    obs = observations("small")
+    for x, y in zip(model(obs), rebuilt(obs)):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(model.value(obs), model(obs)[1])
+    with pytest.raises(ValueError, match="separate_critic=True"):
+        ActorCritic((3, 9, 9), NUM_ACTIONS, arch="small", separate_critic=False, critic_channels=(4,))
+    with pytest.raises(ValueError, match="critic_hidden must be at least 1"):
+        ActorCritic((3, 9, 9), NUM_ACTIONS, arch="small", separate_critic=True, critic_hidden=0)
 
 
 def test_agent_channel_reads_the_last_conv_output_at_the_marked_square():

@@ -27,7 +27,7 @@ from lightning_modules.ppo import PPO, compute_gae, ppo_loss
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--data.num_envs", "8", "--data.num_steps", "32", "--data.rollouts_per_epoch", "2",
-    "--data.eval_episodes", "4", "--data.eval_num_envs", "4", "--model.num_minibatches", "2",
+    "--data.eval_episodes", "4", "--data.final_eval_episodes", "4", "--data.eval_num_envs", "4", "--model.num_minibatches", "2",
     "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
 ]
 # 5x5 mazes: episodes (at most 100 steps) finish inside a tiny run, so episode statistics exist.
@@ -56,7 +56,8 @@ def column(rows: list[dict[str, str]], key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def maze_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("maze")
-    run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, root=root)
+    # more final-evaluation episodes than the periodic validations (4): summary.json reports the final one
+    run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, "--data.final_eval_episodes", "6", root=root)
     return root
 
 
@@ -117,6 +118,9 @@ def test_maze_run_leaves_checkpoint_metrics_summary_and_wandb(maze_run):
         assert summary[key] is not None, key
     assert summary["env_steps"] >= 2048
     assert summary["config"]["data"]["env"] == "maze"
+    assert summary["eval_episodes"] == 6
+    for figures in summary["eval"].values():
+        assert abs(figures["success"] * 6 - round(figures["success"] * 6)) < 1e-9, "not a rate over 6 episodes"
     rows = read_metrics(run)
     for key in ("train/episode_return", "train/episode_length", "train/success", "train/env_steps_per_s", "train/pg_loss",
                 "train/value_loss", "train/entropy", "train/approx_kl", "train/clipfrac", "train/explained_variance",
@@ -191,6 +195,7 @@ def test_ddp_two_cpu_ranks_see_different_envs_and_only_rank0_writes(tmp_path):
               "--trainer.devices", "2", "--trainer.strategy", "ddp", root=tmp_path, timeout=400)
     summary = json.loads((tmp_path / "version_0" / "summary.json").read_text())
     assert summary["config"]["trainer"]["world_size"] == 2
+    assert summary["eval_episodes"] == 8  # 4 per rank
     prints = summary["rank_fingerprints"]
     assert len(prints) == 2 and prints[0] != prints[1], "both ranks stepped the same envs"
     # one rollout = 8 envs x 32 steps on each of 2 ranks

@@ -228,6 +228,8 @@ class ActorCritic(HookedModule):
         hidden: int | None = None,  # width of the final features; None: 256, or 512 for "nature"
         agent_channel: int | None = None,  # "small" only: also read the features at the square this obs channel marks (the maze's mouse: 1)
         egocentric: bool = False,  # with agent_channel: the dense layer reads the last conv features recentred on that square
+        critic_channels: tuple[int, ...] | None = None,  # separate_critic only: the critic tower's conv channels; None: channels
+        critic_hidden: int | None = None,  # separate_critic only: the critic tower's feature width; None: hidden
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -253,6 +255,16 @@ class ActorCritic(HookedModule):
                 raise ValueError(f"agent_channel must index one of the {obs_shape[0]} observation channels, got {agent_channel}")
         if egocentric and agent_channel is None:
             raise ValueError("egocentric needs agent_channel (the observation channel that marks the agent's square)")
+        if not separate_critic and (critic_channels is not None or critic_hidden is not None):
+            raise ValueError("critic_channels and critic_hidden size a separate critic tower; set separate_critic=True or leave them None")
+        critic_channels = channels if critic_channels is None else tuple(int(c) for c in critic_channels)
+        if not critic_channels or min(critic_channels) < 1:
+            raise ValueError(f"critic_channels must be a non-empty tuple of positive ints, got {critic_channels}")
+        if arch == "nature" and len(critic_channels) != len(_NATURE_LAYERS):
+            raise ValueError(f"arch 'nature' has {len(_NATURE_LAYERS)} conv layers, got critic_channels {critic_channels}")
+        critic_hidden = hidden if critic_hidden is None else int(critic_hidden)
+        if critic_hidden < 1:
+            raise ValueError(f"critic_hidden must be at least 1, got {critic_hidden}")
 
         self.obs_shape = obs_shape
         self.num_actions = int(num_actions)
@@ -263,12 +275,15 @@ class ActorCritic(HookedModule):
         self.hidden = hidden
         self.agent_channel = agent_channel
         self.egocentric = bool(egocentric)
+        self.critic_channels = critic_channels if self.separate_critic else channels
+        self.critic_hidden = critic_hidden if self.separate_critic else hidden
 
         # Registration order is forward order (encoder, critic_encoder, heads), which hook_names relies on.
         self.encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel, self.egocentric)
-        self.critic_encoder = _Tower(arch, obs_shape, channels, hidden, agent_channel, self.egocentric) if self.separate_critic else None
+        self.critic_encoder = (_Tower(arch, obs_shape, self.critic_channels, self.critic_hidden, agent_channel, self.egocentric)
+                               if self.separate_critic else None)
         self.policy_head = _init(nn.Linear(hidden, self.num_actions), 0.01)
-        self.value_head = _init(nn.Linear(hidden, 1), 1.0)
+        self.value_head = _init(nn.Linear(self.critic_hidden, 1), 1.0)
         self.hook_logits = HookPoint()  # (A,)
         self.hook_value = HookPoint()  # ()
         self.setup_hooks()
@@ -286,6 +301,8 @@ class ActorCritic(HookedModule):
             "hidden": self.hidden,
             "agent_channel": self.agent_channel,
             "egocentric": self.egocentric,
+            "critic_channels": list(self.critic_channels) if self.separate_critic else None,
+            "critic_hidden": self.critic_hidden if self.separate_critic else None,
         }
 
     def tower_hook_names(self, tower: str = "encoder") -> list[str]:
