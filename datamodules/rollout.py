@@ -263,7 +263,7 @@ class RolloutDataModule(L.LightningDataModule):
                 first = {k: np.zeros(n, np.float64) for k in tracker.finished}
                 pending = np.ones(n, bool)
                 while pending.any():
-                    logits, _ = agent(torch.from_numpy(obs).to(device))
+                    logits = agent.policy_logits(torch.from_numpy(obs).to(device))  # the critic tower is not needed
                     action = POLICY.sample(logits, generator)
                     obs, reward, terminated, truncated, info = env.step(action.cpu().numpy())
                     done = terminated | truncated
