@@ -20,8 +20,8 @@ defaults), read from that file, with PPO's signature defaults for what it leaves
 (the mouse-square features, the egocentric frame and the critic tower's own widths included when the
 config asks for them): SB3's actor-critic policy (``_sb3_maze.InnerCriticPolicy``) gets the ``encoder``
 of a fresh ``ActorCritic`` as features extractor, a second one for the critic
-(``share_features_extractor=False``, ours ``separate_critic=True``) and ``net_arch=dict(pi=[], vf=[])``, so its heads are the single linear layers
-ours has; both use orthogonal init (gain sqrt 2, policy head 0.01, value head 1). The parameter
+(``share_features_extractor=False``, ours ``separate_critic=True``) and ``net_arch=dict(pi=[], vf=[])``,
+so its heads are the single linear layers ours has; both use orthogonal init (gain sqrt 2, policy head 0.01, value head 1). The parameter
 counts are checked equal. Same env code: SB3 steps one vectorised ``CheeseMaze`` through a ``VecEnv``
 adapter (``benchmarks/_sb3_maze.py``) that builds SB3's per-env info dicts (``terminal_observation``,
 ``TimeLimit.truncated``), a cost SB3's API imposes and so counted against it. Both bootstrap time-limit
@@ -178,8 +178,8 @@ def run_ours(settings: dict, steps: int, threshold: float, seed: int, warmup: in
     # eval_episodes only sizes the evaluation PPO runs after training (untimed); 1 keeps it short.
     dm = RolloutDataModule(**{**settings["data"], "seed": seed, "eval_episodes": 1})
     clock = Clock(dm)
-    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[clock])
     trainer.fit(model, datamodule=dm)
     return {

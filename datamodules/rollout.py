@@ -263,7 +263,8 @@ class RolloutDataModule(L.LightningDataModule):
                 first = {k: np.zeros(n, np.float64) for k in tracker.finished}
                 pending = np.ones(n, bool)
                 while pending.any():
-                    logits = agent.policy_logits(torch.from_numpy(obs).to(device))  # the critic tower is not needed
+                    # policy tower only: the critic's value would be thrown away (half the cost)
+                    logits = agent.policy_logits(torch.from_numpy(obs).to(device))
                     action = POLICY.sample(logits, generator)
                     obs, reward, terminated, truncated, info = env.step(action.cpu().numpy())
                     done = terminated | truncated

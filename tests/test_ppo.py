@@ -209,6 +209,8 @@ def test_ddp_two_cpu_ranks_see_different_envs_and_only_rank0_writes(tmp_path):
     (["--data.num_envs", "6", "--data.num_steps", "5", "--model.num_minibatches", "4"], "does not split into"),
     (["--model.lr", "0"], "model.lr must be positive"),
     (["--model.lr=-1e-3"], "model.lr must be positive"),
+    (["--data.final_eval_episodes", "0"], "data.final_eval_episodes must be >= 1"),
+    (["--model.separate_critic", "false", "--model.critic_hidden", "8"], "critic_channels and critic_hidden size a separate critic tower"),
 ])
 def test_bad_configuration_fails_before_training(tmp_path, args, message):
     result = run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, *args, root=tmp_path, check=False)
