@@ -61,6 +61,20 @@ def _init(layer: nn.Conv2d | nn.Linear, gain: float) -> nn.Conv2d | nn.Linear:
     return layer
 
 
+def _tower_widths(arch: str, channels: Any, hidden: Any, default_channels: tuple[int, ...], default_hidden: int,
+                  prefix: str) -> tuple[tuple[int, ...], int]:
+    """A tower's (channels, hidden), the defaults filling None; ``prefix`` names the arguments in errors."""
+    channels = default_channels if channels is None else tuple(int(c) for c in channels)
+    if not channels or min(channels) < 1:
+        raise ValueError(f"{prefix}channels must be a non-empty tuple of positive ints, got {channels}")
+    if arch == "nature" and len(channels) != len(_NATURE_LAYERS):
+        raise ValueError(f"arch 'nature' has {len(_NATURE_LAYERS)} conv layers, got {prefix}channels {channels}")
+    hidden = default_hidden if hidden is None else int(hidden)
+    if hidden < 1:
+        raise ValueError(f"{prefix}hidden must be at least 1, got {hidden}")
+    return channels, hidden
+
+
 class _ResidualBlock(nn.Module):
     """IMPALA residual block: x + conv1(relu(conv0(relu(x))))."""
 
@@ -239,14 +253,7 @@ class ActorCritic(HookedModule):
             raise ValueError(f"obs_shape must be (channels, height, width) with positive sizes, got {obs_shape}")
         if int(num_actions) < 1:
             raise ValueError(f"num_actions must be at least 1, got {num_actions}")
-        channels = _DEFAULT_CHANNELS[arch] if channels is None else tuple(int(c) for c in channels)
-        if not channels or min(channels) < 1:
-            raise ValueError(f"channels must be a non-empty tuple of positive ints, got {channels}")
-        if arch == "nature" and len(channels) != len(_NATURE_LAYERS):
-            raise ValueError(f"arch 'nature' has {len(_NATURE_LAYERS)} conv layers, got channels {channels}")
-        hidden = _DEFAULT_HIDDEN[arch] if hidden is None else int(hidden)
-        if hidden < 1:
-            raise ValueError(f"hidden must be at least 1, got {hidden}")
+        channels, hidden = _tower_widths(arch, channels, hidden, _DEFAULT_CHANNELS[arch], _DEFAULT_HIDDEN[arch], "")
         if agent_channel is not None:
             agent_channel = int(agent_channel)
             if arch != "small":
@@ -257,14 +264,7 @@ class ActorCritic(HookedModule):
             raise ValueError("egocentric needs agent_channel (the observation channel that marks the agent's square)")
         if not separate_critic and (critic_channels is not None or critic_hidden is not None):
             raise ValueError("critic_channels and critic_hidden size a separate critic tower; set separate_critic=True or leave them None")
-        critic_channels = channels if critic_channels is None else tuple(int(c) for c in critic_channels)
-        if not critic_channels or min(critic_channels) < 1:
-            raise ValueError(f"critic_channels must be a non-empty tuple of positive ints, got {critic_channels}")
-        if arch == "nature" and len(critic_channels) != len(_NATURE_LAYERS):
-            raise ValueError(f"arch 'nature' has {len(_NATURE_LAYERS)} conv layers, got critic_channels {critic_channels}")
-        critic_hidden = hidden if critic_hidden is None else int(critic_hidden)
-        if critic_hidden < 1:
-            raise ValueError(f"critic_hidden must be at least 1, got {critic_hidden}")
+        critic_channels, critic_hidden = _tower_widths(arch, critic_channels, critic_hidden, channels, hidden, "critic_")
 
         self.obs_shape = obs_shape
         self.num_actions = int(num_actions)
