@@ -158,14 +158,14 @@ def main() -> None:
 
     out: dict = {"minibatch": minibatch, "params": sum(p.numel() for p in net.parameters()),
                  "gflop_per_update": round(flops / 1e9, 3), "network": net_args}
+    # the fused rewrite stacks two towers of the same widths into grouped layers
+    fusable = net.separate_critic and net.critic_channels == net.channels and net.critic_hidden == net.hidden
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         ms = time_update(make(), batch, args.repeats)
         peak = matmul_gflops()
-        # the fused rewrite stacks two towers of the same widths into grouped layers
-        same_widths = net.critic_channels == net.channels and net.critic_hidden == net.hidden
-        fused = time_update(fused_towers(make()), batch, args.repeats) if net.separate_critic and same_widths else None
+        fused = time_update(fused_towers(make()), batch, args.repeats) if fusable else None
         cl = time_update(make(), batch, args.repeats, channels_last=True)
         rate = flops / ms / 1e6
         out[f"t{threads}"] = {"update_ms": round(ms, 1), "gflops": round(rate, 1), "matmul_gflops": round(peak, 1),
