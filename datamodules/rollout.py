@@ -26,6 +26,8 @@ from innercritic.envs.factory import env_family, make_env
 
 # Evaluation levels come from a seed range training never draws from (training seeds are small).
 EVAL_SEED_OFFSET = 1_000_000_007
+# Warmup envs draw their levels from their own range, so the main phase does not replay the warmup's level seeds.
+WARMUP_SEED_OFFSET = 500_000_003
 POLICY = PolicyVersion("policy")  # evaluation samples the policy itself (no noise)
 # Observations per forward pass when the critic values a whole rollout: large enough to run near the
 # CPU's best rate, small enough that an Atari rollout's float copy stays in the tens of megabytes.
@@ -107,6 +109,10 @@ class RolloutDataModule(L.LightningDataModule):
         eval_dists: evaluation distributions, name -> env_kwargs overrides (maze default: the training
             distribution and cheese ``anywhere``, where goal misgeneralisation shows).
         eval_num_envs: envs stepped together during evaluation.
+        warmup_env_kwargs: overrides of ``env_kwargs`` for the training envs of the first ``warmup_env_steps``
+            env steps, a curriculum's easier start (maze: ``{size: [5, 9]}`` mixes in small mazes, whose
+            short episodes teach navigation quickly); evaluation and checkpoints always use ``env_kwargs``.
+        warmup_env_steps: env steps (all ranks together, as ``PPO.total_env_steps``) trained on the warmup envs.
     """
 
     def __init__(
@@ -121,6 +127,8 @@ class RolloutDataModule(L.LightningDataModule):
         final_eval_episodes: int | None = None,
         eval_dists: dict[str, dict[str, Any]] | None = None,
         eval_num_envs: int = 100,
+        warmup_env_kwargs: dict[str, Any] | None = None,
+        warmup_env_steps: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -132,6 +140,9 @@ class RolloutDataModule(L.LightningDataModule):
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if (warmup_env_kwargs is None) != (warmup_env_steps == 0) or warmup_env_steps < 0:
+            raise ValueError(f"data.warmup_env_kwargs and data.warmup_env_steps go together (overrides and a positive step "
+                             f"count, or neither), got {warmup_env_kwargs} and {warmup_env_steps}")
         self.env_spec = env
         self.env_kwargs = dict(env_kwargs or {})
         self.num_envs = num_envs
@@ -144,13 +155,23 @@ class RolloutDataModule(L.LightningDataModule):
             eval_dists = {"train_dist": {}, "heldout": {"cheese": "anywhere"}} if env == "maze" else {"train_dist": {}}
         self.eval_dists = eval_dists
         self.eval_num_envs = eval_num_envs
+        self.warmup_env_kwargs = dict(warmup_env_kwargs or {})
+        self.warmup_env_steps = warmup_env_steps
         # A one-env probe gives the shapes the agent is built from; cheap, and it validates env_kwargs now.
         probe = make_env(env, 1, seed=seed, **self.env_kwargs)
         self.obs_shape = tuple(int(d) for d in probe.single_observation_space.shape)
         self.num_actions = int(probe.single_action_space.n)
         self.obs_high = float(probe.single_observation_space.high.max())
         probe.close()
+        if warmup_env_steps:
+            probe = make_env(env, 1, seed=seed, **self._phase_kwargs("warmup"))
+            shape, actions = tuple(int(d) for d in probe.single_observation_space.shape), int(probe.single_action_space.n)
+            probe.close()
+            if (shape, actions) != (self.obs_shape, self.num_actions):
+                raise ValueError(f"data.warmup_env_kwargs {self.warmup_env_kwargs} gives observations {shape} and {actions} actions, "
+                                 f"data.env_kwargs {self.obs_shape} and {self.num_actions}; one agent must fit both (maze: the same obs_size)")
         self.envs = None
+        self._phase: str | None = None  # "warmup" or "main": which training envs ``envs`` holds
         self._obs: np.ndarray | None = None
 
     @property
@@ -162,17 +183,31 @@ class RolloutDataModule(L.LightningDataModule):
     def rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
+    def _phase_kwargs(self, phase: str) -> dict[str, Any]:
+        return {**self.env_kwargs, **self.warmup_env_kwargs} if phase == "warmup" else self.env_kwargs
+
+    def _build_envs(self, phase: str) -> None:
+        """(Re)build this rank's training envs for ``phase``; episodes in progress in the old ones are dropped."""
+        if self.envs is not None:
+            self.envs.close()
+        rank_seed = self.seed + self.rank * self.num_envs + (WARMUP_SEED_OFFSET if phase == "warmup" else 0)
+        self.envs = make_env(self.env_spec, self.num_envs, seed=rank_seed, **self._phase_kwargs(phase))
+        self._obs, _ = self.envs.reset(seed=rank_seed)
+        self.tracker = EpisodeTracker(self.num_envs)
+        self._phase = phase
+
+    def _phase_at(self, env_steps: int) -> str:
+        return "warmup" if env_steps < self.warmup_env_steps else "main"
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.envs is None:
-            rank_seed = self.seed + self.rank * self.num_envs
-            self.envs = make_env(self.env_spec, self.num_envs, seed=rank_seed, **self.env_kwargs)
-            self._obs, _ = self.envs.reset(seed=rank_seed)
-            self.tracker = EpisodeTracker(self.num_envs)
+            self._build_envs(self._phase_at(0))
 
     def teardown(self, stage: str) -> None:
         if self.envs is not None:
             self.envs.close()
             self.envs = None
+            self._phase = None
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Tokens(self.rollouts_per_epoch), batch_size=None)
@@ -185,8 +220,10 @@ class RolloutDataModule(L.LightningDataModule):
         return zlib.crc32(np.ascontiguousarray(self._obs).tobytes())
 
     @torch.inference_mode()
-    def collect(self, agent: torch.nn.Module, gamma: float) -> Rollout:
-        """Step every env ``num_steps`` times with ``agent`` and return the rollout.
+    def collect(self, agent: torch.nn.Module, gamma: float, env_steps: int = 0) -> Rollout:
+        """Step every env ``num_steps`` times with ``agent`` and return the rollout. ``env_steps`` (the
+        training steps so far, all ranks) picks the warmup or the main envs; crossing ``warmup_env_steps``
+        rebuilds them, so a run resumed past the warmup steps the main envs.
 
         Truncated steps bootstrap: their reward gains ``gamma * V(final obs)``, so GAE can cut the
         episode there like a terminal without teaching the critic that time limits end the world.
@@ -198,6 +235,8 @@ class RolloutDataModule(L.LightningDataModule):
         (BENCHMARKS.md, "PPO against Stable-Baselines3"). With a shared tower the features are computed
         for the logits anyway, so the value comes with them.
         """
+        if self._phase_at(env_steps) != self._phase:
+            self._build_envs(self._phase_at(env_steps))
         device = next(agent.parameters()).device
         T, N = self.num_steps, self.num_envs
         separate = getattr(agent, "critic_encoder", None) is not None

@@ -97,7 +97,10 @@ class PPO(L.LightningModule):
         norm_adv: normalise advantages within each minibatch.
         clip_coef: the surrogate's clipping range.
         clip_vloss: clip the value update to the same range around the old values.
-        ent_coef: entropy bonus weight.
+        ent_coef: entropy bonus weight (at the start, with ``ent_coef_final``).
+        ent_coef_final: anneal the entropy weight linearly from ``ent_coef`` to this over ``total_env_steps``
+            (None: constant). A large bonus keeps early exploration broad; late, it holds states whose
+            advantages are small after normalisation (far from any reward) near a uniform policy.
         vf_coef: value loss weight.
         max_grad_norm: gradient-norm clipping threshold.
         target_kl: stop a rollout's epochs early once the approximate KL exceeds this (None: never).
@@ -125,6 +128,7 @@ class PPO(L.LightningModule):
         clip_coef: float = 0.2,
         clip_vloss: bool = True,
         ent_coef: float = 0.01,
+        ent_coef_final: float | None = None,
         vf_coef: float = 0.5,
         max_grad_norm: float = 0.5,
         target_kl: float | None = None,
@@ -135,6 +139,8 @@ class PPO(L.LightningModule):
             raise ValueError(f"model.lr must be positive, got {lr}")
         if not 0 < gamma <= 1 or not 0 <= gae_lambda <= 1:
             raise ValueError(f"model.gamma must be in (0, 1] and model.gae_lambda in [0, 1], got {gamma} and {gae_lambda}")
+        if ent_coef < 0 or (ent_coef_final is not None and ent_coef_final < 0):
+            raise ValueError(f"model.ent_coef and model.ent_coef_final must be >= 0, got {ent_coef} and {ent_coef_final}")
         for name, value in (("total_env_steps", total_env_steps), ("update_epochs", update_epochs), ("num_minibatches", num_minibatches)):
             if value < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
@@ -212,13 +218,14 @@ class PPO(L.LightningModule):
             return
         dm = self.trainer.datamodule
         opt = self.optimizers()
+        frac = 1.0 - int(self.env_steps) / hp.total_env_steps
         if hp.anneal_lr:
-            frac = 1.0 - int(self.env_steps) / hp.total_env_steps
             for group in opt.param_groups:
                 group["lr"] = frac * hp.lr
+        ent_coef = hp.ent_coef if hp.ent_coef_final is None else hp.ent_coef_final + frac * (hp.ent_coef - hp.ent_coef_final)
 
         start = time.perf_counter()
-        ro = dm.collect(self.agent, hp.gamma)
+        ro = dm.collect(self.agent, hp.gamma, int(self.env_steps))
         rollout_s = time.perf_counter() - start
         advantages, returns = compute_gae(ro.rewards, ro.values, ro.dones, ro.next_value, hp.gamma, hp.gae_lambda)
 
@@ -234,7 +241,7 @@ class PPO(L.LightningModule):
             for idx in torch.randperm(batch, device=obs.device).split(mb_size):
                 loss, parts = ppo_loss(self.agent, obs[idx], actions[idx], old_logprobs[idx], old_values[idx],
                                        advantages[idx], returns[idx], clip_coef=hp.clip_coef, clip_vloss=hp.clip_vloss,
-                                       norm_adv=hp.norm_adv, ent_coef=hp.ent_coef, vf_coef=hp.vf_coef)
+                                       norm_adv=hp.norm_adv, ent_coef=ent_coef, vf_coef=hp.vf_coef)
                 approx_kl = parts["approx_kl"]
                 clipfracs.append(parts["clipfrac"])
                 opt.zero_grad(set_to_none=True)
@@ -252,7 +259,7 @@ class PPO(L.LightningModule):
         metrics = {
             "train/pg_loss": parts["pg_loss"], "train/value_loss": parts["value_loss"], "train/entropy": parts["entropy"],
             "train/approx_kl": approx_kl, "train/clipfrac": torch.stack(clipfracs).mean(),
-            "train/explained_variance": explained_var, "train/lr": opt.param_groups[0]["lr"],
+            "train/explained_variance": explained_var, "train/lr": opt.param_groups[0]["lr"], "train/ent_coef": ent_coef,
             "train/env_steps": float(self.env_steps), "train/env_steps_per_s": steps / elapsed,
             "train/rollout_fraction": rollout_s / elapsed,
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,8 +31,10 @@ TINY = [
     "--data.eval_episodes", "4", "--data.final_eval_episodes", "4", "--data.eval_num_envs", "4", "--model.num_minibatches", "2",
     "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
 ]
-# 5x5 mazes: episodes (at most 100 steps) finish inside a tiny run, so episode statistics exist.
-MAZE = ["-c", "configs/ppo/maze.yaml", "--data.env_kwargs", "{size: 5, cheese: top_right:3}"]
+# 5x5 mazes: episodes (at most 100 steps) finish inside a tiny run, so episode statistics exist. The
+# config's warmup becomes 1024 steps with the cheese anywhere, so a 2048-step run crosses into the main envs.
+MAZE = ["-c", "configs/ppo/maze.yaml", "--data.env_kwargs", "{size: 5, cheese: top_right:3}",
+        "--data.warmup_env_kwargs", "{cheese: top_right:5}", "--data.warmup_env_steps", "1024"]
 
 
 def run_train(*args: str, root: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -109,6 +112,42 @@ def test_rollout_matches_a_step_by_step_replay_with_truncations_bootstrapped(sep
     assert truncated_steps >= 2, "the 6-step limit must truncate episodes within 20 steps"
 
 
+def test_warmup_envs_give_way_to_the_main_envs_at_warmup_env_steps():
+    # A curriculum's warmup mixes 5x5 mazes into 7x7 ones; from warmup_env_steps on, the rollout is exactly
+    # the one a run without warmup collects first (same envs, same seeds), and evaluation never sees a 5x5 maze.
+    main = {"size": 7, "cheese": "top_right:3"}
+    kwargs = dict(env="maze", env_kwargs=main, num_envs=8, num_steps=16, seed=3, eval_episodes=8, eval_num_envs=8)
+    dm = RolloutDataModule(**kwargs, warmup_env_kwargs={"size": [5, 7]}, warmup_env_steps=256)
+    plain = RolloutDataModule(**kwargs)
+    dm.setup("fit")
+    plain.setup("fit")
+    torch.manual_seed(0)
+    agent = ActorCritic(dm.obs_shape, dm.num_actions, arch="small", separate_critic=True, channels=(4,), hidden=8)
+    sizes = set()
+    for _ in range(4):  # 4 rollouts of 8 envs x 16 steps, to see several levels per env
+        dm.collect(agent, 0.9, env_steps=128)
+        sizes |= {dm.envs.maze_size(i) for i in range(8)}
+    assert sizes == {5, 7}
+    torch.manual_seed(1)
+    ro = dm.collect(agent, 0.9, env_steps=256)
+    assert {dm.envs.maze_size(i) for i in range(8)} == {7}
+    torch.manual_seed(1)
+    expected = plain.collect(agent, 0.9)
+    assert torch.equal(ro.obs, expected.obs) and torch.equal(ro.actions, expected.actions)
+    assert torch.equal(ro.rewards, expected.rewards)
+    assert dm.evaluate(agent) == plain.evaluate(agent)
+
+
+@pytest.mark.parametrize("overrides,steps,message", [
+    ({"size": [5, 7]}, 0, "data.warmup_env_kwargs and data.warmup_env_steps go together"),
+    (None, 100, "data.warmup_env_kwargs and data.warmup_env_steps go together"),
+    ({"size": 9}, 100, "gives observations (3, 9, 9)"),
+])
+def test_bad_warmup_is_refused(overrides, steps, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RolloutDataModule(env="maze", env_kwargs={"size": 7}, warmup_env_kwargs=overrides, warmup_env_steps=steps)
+
+
 def test_maze_run_leaves_checkpoint_metrics_summary_and_wandb(maze_run):
     run = maze_run / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -160,10 +199,11 @@ def test_print_config_parses_every_config():
 
 def test_killed_run_resumes_and_counters_continue(tmp_path):
     # LightningCLI restores the model's hyperparameters from the checkpoint on --ckpt_path, so the
-    # resumed run keeps its original budget of 8192 env steps and finishes it.
+    # resumed run keeps its original budget of 8192 env steps and finishes it, and its learning-rate and
+    # entropy schedules pick up where the killed run left them.
     total = "8192"
     env = {**os.environ, "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "train.py", "fit", *MAZE, "--model.total_env_steps", total, *TINY,
+    cmd = [sys.executable, "train.py", "fit", *MAZE, "--model.total_env_steps", total, "--model.ent_coef_final", "0.01", *TINY,
            "--trainer.default_root_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
@@ -182,8 +222,13 @@ def test_killed_run_resumes_and_counters_continue(tmp_path):
 
     run_train(*MAZE, "--model.total_env_steps", "999", *TINY, "--ckpt_path", str(last), root=tmp_path)
     resumed = tmp_path / "version_1"
-    steps = column(read_metrics(resumed), "train/env_steps")
+    rows = read_metrics(resumed)
+    steps = column(rows, "train/env_steps")
     assert steps[0] == saved_steps + 256, "env-step counter restarted instead of continuing"
+    # each rollout's schedules are set from the env steps before it (steps - 256): lr 2.5e-3 -> 0, entropy 0.03 -> 0.01
+    frac = [1 - (s - 256) / int(total) for s in steps]
+    assert column(rows, "train/lr") == pytest.approx([2.5e-3 * f for f in frac])
+    assert column(rows, "train/ent_coef") == pytest.approx([0.01 + 0.02 * f for f in frac])
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["env_steps"] == int(total)
     final = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -210,6 +255,7 @@ def test_ddp_two_cpu_ranks_see_different_envs_and_only_rank0_writes(tmp_path):
     (["--model.lr", "0"], "model.lr must be positive"),
     (["--model.lr=-1e-3"], "model.lr must be positive"),
     (["--data.final_eval_episodes", "0"], "data.final_eval_episodes must be >= 1"),
+    (["--model.ent_coef_final=-0.01"], "model.ent_coef and model.ent_coef_final must be >= 0"),
     (["--model.separate_critic", "false", "--model.critic_hidden", "8"], "critic_channels and critic_hidden size a separate critic tower"),
 ])
 def test_bad_configuration_fails_before_training(tmp_path, args, message):
@@ -232,7 +278,8 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, maze_run):
 def test_init_from_starts_from_the_checkpoint_weights(maze_run):
     ckpt = maze_run / "version_0" / "checkpoints" / "last.ckpt"
     source, _ = load_agent(ckpt)
-    network = {k: source.config[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric")}
+    network = {k: source.config[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric",
+                                             "critic_channels", "critic_hidden")}
     module = PPO(**network, init_from=str(ckpt))
     dm = RolloutDataModule(env="maze", env_kwargs={"size": 5, "cheese": "top_right:3"}, num_envs=4, num_steps=8)
     trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
