@@ -110,6 +110,9 @@ def load_settings(config: Path) -> dict:
              if k != "self" and p.default is not inspect.Parameter.empty}
     model.update(cfg["model"].get("init_args", {}))
     data = dict(cfg["data"].get("init_args", {}))
+    # SB3 has no curriculum: both trainers step the config's main envs (env_kwargs) from the start.
+    data.pop("warmup_env_kwargs", None)
+    data.pop("warmup_env_steps", None)
     if data.get("env", "maze") != "maze":
         raise SystemExit(f"{config} trains on {data.get('env')!r}; this benchmark needs the maze config")
     for key in ("channels", "critic_channels"):
@@ -143,9 +146,9 @@ def run_ours(settings: dict, steps: int, threshold: float, seed: int, warmup: in
             self._episodes = None  # finished episodes in the rollout of the current step; None: no rollout
             collect = dm.collect
 
-            def counted(agent, gamma):  # tells on_train_batch_end whether train/success is this step's
+            def counted(agent, gamma, env_steps):  # tells on_train_batch_end whether train/success is this step's
                 start = time.perf_counter()
-                ro = collect(agent, gamma)
+                ro = collect(agent, gamma, env_steps)
                 self.rollout_s += time.perf_counter() - start
                 self._episodes = len(ro.episodes["success"])
                 return ro

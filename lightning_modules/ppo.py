@@ -99,8 +99,8 @@ class PPO(L.LightningModule):
         clip_vloss: clip the value update to the same range around the old values.
         ent_coef: entropy bonus weight (at the start, with ``ent_coef_final``).
         ent_coef_final: anneal the entropy weight linearly from ``ent_coef`` to this over ``total_env_steps``
-            (None: constant). A large bonus keeps early exploration broad; late, it holds states whose
-            advantages are small after normalisation (far from any reward) near a uniform policy.
+            (None: constant), for a broad early search and a sharper late policy (on the maze it did not
+            help: BENCHMARKS.md, "Cheese maze").
         vf_coef: value loss weight.
         max_grad_norm: gradient-norm clipping threshold.
         target_kl: stop a rollout's epochs early once the approximate KL exceeds this (None: never).
