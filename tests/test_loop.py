@@ -15,7 +15,9 @@ from wandb_records import run_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_AGENT = ["--data.env_kwargs.size=5", "--data.warmup_env_kwargs={size: 5}", "--data.warmup_env_steps=256", "--data.num_envs=8", "--data.num_steps=32", "--data.rollouts_per_epoch=2",
+# The config's warmup, shrunk to 5x5 mazes and half the run, so the agent stage crosses into its main envs.
+TINY_AGENT = ["--data.env_kwargs.size=5", "--data.warmup_env_kwargs={size: 5}", "--data.warmup_env_steps=256",
+              "--data.num_envs=8", "--data.num_steps=32", "--data.rollouts_per_epoch=2",
               "--data.eval_episodes=4", "--data.final_eval_episodes=4", "--data.eval_num_envs=4", "--model.num_minibatches=2",
               "--model.total_env_steps=512",
               "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false"]
