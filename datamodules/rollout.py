@@ -157,16 +157,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.eval_num_envs = eval_num_envs
         self.warmup_env_kwargs = dict(warmup_env_kwargs or {})
         self.warmup_env_steps = warmup_env_steps
-        # A one-env probe gives the shapes the agent is built from; cheap, and it validates env_kwargs now.
-        probe = make_env(env, 1, seed=seed, **self.env_kwargs)
-        self.obs_shape = tuple(int(d) for d in probe.single_observation_space.shape)
-        self.num_actions = int(probe.single_action_space.n)
-        self.obs_high = float(probe.single_observation_space.high.max())
-        probe.close()
+        self.obs_shape, self.num_actions, self.obs_high = self._spaces(self.env_kwargs)
         if warmup_env_steps:
-            probe = make_env(env, 1, seed=seed, **self._phase_kwargs("warmup"))
-            shape, actions = tuple(int(d) for d in probe.single_observation_space.shape), int(probe.single_action_space.n)
-            probe.close()
+            shape, actions, _ = self._spaces(self._phase_kwargs("warmup"))
             if (shape, actions) != (self.obs_shape, self.num_actions):
                 raise ValueError(f"data.warmup_env_kwargs {self.warmup_env_kwargs} gives observations {shape} and {actions} actions, "
                                  f"data.env_kwargs {self.obs_shape} and {self.num_actions}; one agent must fit both (maze: the same obs_size)")
@@ -182,6 +175,14 @@ class RolloutDataModule(L.LightningDataModule):
     @property
     def rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _spaces(self, env_kwargs: dict[str, Any]) -> tuple[tuple[int, ...], int, float]:
+        """(obs shape, action count, obs high) from a one-env probe: cheap, and it validates ``env_kwargs`` now."""
+        probe = make_env(self.env_spec, 1, seed=self.seed, **env_kwargs)
+        space = probe.single_observation_space
+        spaces = tuple(int(d) for d in space.shape), int(probe.single_action_space.n), float(space.high.max())
+        probe.close()
+        return spaces
 
     def _phase_kwargs(self, phase: str) -> dict[str, Any]:
         return {**self.env_kwargs, **self.warmup_env_kwargs} if phase == "warmup" else self.env_kwargs
@@ -235,8 +236,9 @@ class RolloutDataModule(L.LightningDataModule):
         (BENCHMARKS.md, "PPO against Stable-Baselines3"). With a shared tower the features are computed
         for the logits anyway, so the value comes with them.
         """
-        if self._phase_at(env_steps) != self._phase:
-            self._build_envs(self._phase_at(env_steps))
+        phase = self._phase_at(env_steps)
+        if phase != self._phase:
+            self._build_envs(phase)
         device = next(agent.parameters()).device
         T, N = self.num_steps, self.num_envs
         separate = getattr(agent, "critic_encoder", None) is not None
