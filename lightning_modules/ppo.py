@@ -176,8 +176,11 @@ class PPO(L.LightningModule):
                 source, source_env = load_agent(self.hparams.init_from)
                 check_env_compatible(source_env, dm.env_info, f"init_from checkpoint {self.hparams.init_from}")
                 if source.config != self.agent.config:
-                    raise ValueError(f"init_from checkpoint {self.hparams.init_from} holds a {source.config} agent, "
-                                     f"but this run builds {self.agent.config}; match arch/channels/hidden/separate_critic/agent_channel/egocentric/critic_channels/critic_hidden")
+                    # named from the configs themselves, so a network argument added later is named too
+                    differ = "; ".join(f"{k} {source.config.get(k)} there, {v} here" for k, v in self.agent.config.items()
+                                       if source.config.get(k) != v)
+                    raise ValueError(f"init_from checkpoint {self.hparams.init_from} holds another network ({differ}); "
+                                     f"set those model arguments to the checkpoint's")
                 self.agent.load_state_dict(source.state_dict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

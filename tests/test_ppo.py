@@ -278,10 +278,13 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, maze_run):
 def test_init_from_starts_from_the_checkpoint_weights(maze_run):
     ckpt = maze_run / "version_0" / "checkpoints" / "last.ckpt"
     source, _ = load_agent(ckpt)
-    network = {k: source.config[k] for k in ("arch", "separate_critic", "channels", "hidden", "agent_channel", "egocentric",
-                                             "critic_channels", "critic_hidden")}
+    # the network's constructor arguments, less those the env decides (shape, actions, scale)
+    network = {k: v for k, v in source.config.items() if k not in ("obs_shape", "num_actions", "obs_scale")}
     module = PPO(**network, init_from=str(ckpt))
     dm = RolloutDataModule(env="maze", env_kwargs={"size": 5, "cheese": "top_right:3"}, num_envs=4, num_steps=8)
+    other = PPO(**{**network, "critic_hidden": 16}, init_from=str(ckpt))
+    with pytest.raises(ValueError, match=f"holds another network \\(critic_hidden {network['critic_hidden']} there, 16 here\\)"):
+        L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(other, datamodule=dm)
     trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, datamodule=dm)
     for (name, a), (_, b) in zip(module.agent.state_dict().items(), source.state_dict().items()):
