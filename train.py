@@ -44,6 +44,12 @@ class InnerCriticCLI(LightningCLI):
         for cb in trainer.checkpoint_callbacks:
             if cb.save_last is None:  # Lightning's default checkpoint: keep last.ckpt too, what --ckpt_path resumes from
                 cb.save_last = True
+            if cb._save_on_train_epoch_end is None:
+                # With check_val_every_n_epoch > 1 Lightning saves only after validation, so a run that stops
+                # between validations (PPO stops at its env-step budget) would leave last.ckpt at the last
+                # validation, not the agent summary.json judged and later stages load. ModelCheckpoint has
+                # no public setter for this; its constructor argument is what we set.
+                cb._save_on_train_epoch_end = True
         return trainer
 
 

@@ -59,8 +59,10 @@ def column(rows: list[dict[str, str]], key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def maze_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("maze")
-    # more final-evaluation episodes than the periodic validations (4): summary.json reports the final one
-    run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, "--data.final_eval_episodes", "6", root=root)
+    # more final-evaluation episodes than the periodic validations (4): summary.json reports the final one;
+    # one validation (after 1536 steps), so the run ends between validations as the default's does
+    run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, "--data.final_eval_episodes", "6",
+              "--trainer.check_val_every_n_epoch", "3", root=root)
     return root
 
 
@@ -169,6 +171,17 @@ def test_maze_run_leaves_checkpoint_metrics_summary_and_wandb(maze_run):
     assert steps == sorted(steps) and steps[0] == 256  # one rollout of 8 envs x 32 steps per log line
     wandb_runs = list((maze_run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
+
+
+def test_last_checkpoint_holds_the_agent_the_summary_judged(maze_run):
+    # The run stops at its env-step budget, one epoch after its last validation: last.ckpt must be the
+    # final agent (what summary.json evaluated and the loop's later stages load), not the validated one.
+    run = maze_run / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["innercritic"]["env_steps"] == summary["env_steps"] == 2048
+    validated = column(read_metrics(run), "val/train_dist/success")
+    assert len(validated) == 1, "the fixture should validate once, before the end"
 
 
 def test_checkpoint_rebuilds_agent_and_env_without_the_config(maze_run):
