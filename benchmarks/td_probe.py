@@ -8,7 +8,8 @@ fills Adam's second moment there, so those directions stall. This script runs th
 as ``train.py fit`` subprocesses, one after the other:
 
 - ``minibatch``: 12 epochs of 512-transition minibatches (the previous default);
-- ``full_batch``: ``--data.batch_size 0`` and 1000 steps (the current default; 200 until the fifth session).
+- ``full_batch``: ``--data.batch_size 0`` and the probe config's own step count (the current default: 1500
+  steps since the ninth session, 1000 before, 200 until the fifth session).
 
 For each it prints the largest gap to the closed form over the hook points (R^2 against returns on
 the policy's test episodes) and the wall time of the whole run (cache opening, ceilings, fit,
@@ -42,7 +43,7 @@ from loop import closed_form_gaps  # noqa: E402  (the loop report's convergence 
 
 SETTINGS = {
     "minibatch": ["--data.batch_size=512", "--trainer.max_epochs=12", "--trainer.check_val_every_n_epoch=1"],
-    "full_batch": ["--data.batch_size=0", "--trainer.max_epochs=1000", "--trainer.check_val_every_n_epoch=50"],
+    "full_batch": ["--data.batch_size=0"],  # the config's steps and validation interval
 }
 
 

@@ -48,6 +48,15 @@ def _key(config: str, hook: str) -> str:
     return f"{config}@{hook.replace('.', ':')}"
 
 
+def _successors(state_index: Tensor) -> tuple[Tensor, Tensor]:
+    """For each row of a batch, the position in the batch of its successor (cache row + 1) and whether it is
+    there: (at (B,) int64, found (B,) bool); ``at`` is arbitrary where ``found`` is False."""
+    order = state_index.argsort()
+    ranked = state_index[order]
+    pos = torch.searchsorted(ranked, state_index + 1).clamp_(max=len(ranked) - 1)
+    return order[pos], ranked[pos] == state_index + 1
+
+
 class ValueProbe(L.LightningModule):
     """Linear value heads (one per policy version) for each named loss configuration and hook point.
 
@@ -255,15 +264,28 @@ class ValueProbe(L.LightningModule):
         scale = head.weight[0].norm().clamp_min(1e-8) if self.loss_configs[config].unit_norm else 1.0
         return (head.weight / scale).detach(), (head.bias / scale).detach()
 
+    def _next_values(self, configs: list[str], hook: str, v: Mapping[str, Tensor], x_next: Tensor, at: Tensor,
+                     found: Tensor) -> dict[str, Tensor]:
+        """Every head's value (B, V) of each of ``configs`` at s_{t+1}: read from ``v`` (the values at s_t) where
+        the successor row is in the batch, computed from ``x_next`` only for the rest.
+
+        In a full batch every transition's successor is in the batch except an episode's last: this skips a
+        second pass over the activations, which is most of a step's cost (the fits are memory-bound).
+        """
+        missing = (~found).nonzero().squeeze(1)
+        computed = self.values(configs, hook, x_next[missing])
+        return {name: v[name][at].index_put((missing,), computed[name]) for name in configs}
+
     def _loss(self, batch: Mapping[str, Any], stage: str) -> Tensor:
         total = 0.0
         logs: dict[str, Tensor] = {}
         names = list(self.loss_configs)
         needs_next = [name for name in names if self.loss_configs[name].needs_next]
+        successor = _successors(batch["state_index"]) if needs_next else None
         for hook in self.hooks:
             xs = batch["x"][hook]
             v = self.values(names, hook, xs)
-            v_next = self.values(needs_next, hook, batch["x_next"][hook]) if needs_next else {}
+            v_next = self._next_values(needs_next, hook, v, batch["x_next"][hook], *successor) if needs_next else {}
             for name, cfg in self.loss_configs.items():
                 key = _key(name, hook)
                 slack = None

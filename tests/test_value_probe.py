@@ -24,7 +24,7 @@ from helpers import write_agent_checkpoint
 from innercritic.probing.closed_form import fit_lstd, fit_ridge
 from innercritic.probing.evaluate import Split
 from lightning_modules.steering import _probe_vector
-from lightning_modules.value_probe import ValueProbe
+from lightning_modules.value_probe import ValueProbe, _successors
 from wandb_records import history_keys, run_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -186,6 +186,27 @@ def test_full_batch_steps_land_td_on_lstd_along_features_fixed_within_an_episode
     assert np.abs(lstd.w[:2]).max() > 0.5, "the static features carry weight, so the test means something"
     # 0.0002 measured; 64-transition minibatches for 12 epochs (264 steps, the same lr) stop at 0.0105.
     assert np.allclose(w_td, lstd.w, atol=0.005) and abs(b_td - lstd.b) < 0.005, (w_td, lstd.w, b_td, lstd.b)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["full-batch", "shuffled-minibatch"])
+def test_values_at_the_next_state_read_from_the_batch_equal_those_computed_from_x_next(whole):
+    """The loss reads V(s_{t+1}) from the values at s_t where the successor row is in the batch (a full batch
+    holds all but the episodes' last states): the values, and the gradients through them (terminal_zero
+    differentiates V at the next state), must be those of the direct pass over ``x_next``."""
+    dm = LinearValueData(versions=2, episodes=20, seed=4)
+    rows = dm.rows["train"] if whole else np.random.default_rng(0).permutation(dm.rows["train"])[:64]
+    batch = dm.batch(rows)
+    model = ValueProbe(configs={"td": {"td": 1.0, "terminal_zero": 1.0}})
+    model.heads["td@h:hook_out"] = torch.nn.Linear(dm.feature_dims[HOOK], 2)
+    at, found = _successors(batch["state_index"])
+    assert found.float().mean() > (0.8 if whole else 0.0) and not found.all(), "both kinds of row must be exercised"
+    v = model.values(["td"], HOOK, batch["x"][HOOK])
+    read = model._next_values(["td"], HOOK, v, batch["x_next"][HOOK], at, found)["td"]
+    direct = model.values(["td"], HOOK, batch["x_next"][HOOK])["td"]
+    assert torch.allclose(read, direct, atol=1e-6)
+    weight = model.heads["td@h:hook_out"].weight
+    grads = [torch.autograd.grad((out ** 2).sum(), weight)[0] for out in (read, direct)]
+    assert torch.allclose(*grads, rtol=1e-4, atol=1e-5)
 
 
 def test_every_supervised_head_starts_at_its_best_constant_predictor():
