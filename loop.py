@@ -275,6 +275,16 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
     for r in rows:
         lines.append(f"| {r['source']} | {r['hook'] or '-'} | {_pm(r, 'r2_return')} | {_pm(r, 'r2_exact')} | "
                      f"{_pm(r, 'spearman_return')} | {_pm(r, 'td_error')} | {_fmt(r.get('labelled_episodes'), 0)} |")
+    lines += ["", "Per seed (R² against returns on the policy's test episodes; figures over states weigh each episode by "
+              "its length, so the few episodes the step limit cuts can hold much of a test split):", "",
+              f"| probe run | probe:{summaries[0]['config']} | critic | test episodes | cut by the step limit | "
+              "their share of the test states |", "|---|---|---|---|---|---|"]
+    for run, summary in zip(probe_runs, summaries):
+        comp = (summary.get("test_split") or {}).get(policy)
+        split = ([str(comp["episodes"]), str(comp["cut_episodes"]), _fmt(comp["states_in_cut"] / max(1, comp["states"]), 2)]
+                 if comp else ["-"] * 3)
+        lines.append(f"| {run.parent.name} | {_fmt(summary.get('probe/r2_return'))} | {_fmt(summary.get('critic/r2_return'))} | "
+                     + " | ".join(split) + " |")
     lines += ["", "Per layer (R² against returns, mean over seeds):", ""]
     hooks = list(dict.fromkeys(r["hook"] for r in table if r["hook"] is not None))
     sources = list(dict.fromkeys(r["source"] for r in table if r["hook"] is not None))

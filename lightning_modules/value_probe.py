@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from innercritic.agents.networks import ActorCritic
-from innercritic.probing.evaluate import Split, calibrated, evaluation_table, fit_ceilings, hook_features
+from innercritic.probing.evaluate import Split, calibrated, evaluation_table, fit_ceilings, hook_features, split_composition
 from innercritic.probing.planning import compare_planners, critic_value_fn, probe_value_fn
 from innercritic.probing.losses import LossConfig, probe_loss_terms
 
@@ -269,8 +269,9 @@ class ValueProbe(L.LightningModule):
         """Every head's value (B, V) of each of ``configs`` at s_{t+1}: read from ``v`` (the values at s_t) where
         the successor row is in the batch, computed from ``x_next`` only for the rest.
 
-        In a full batch every transition's successor is in the batch except an episode's last: this skips a
-        second pass over the activations, which is most of a step's cost (the fits are memory-bound).
+        In a full batch every transition's successor is in the batch except an episode's last, so this skips
+        one of a step's three passes over the activations, which are most of its cost (the fits are
+        memory-bound; BENCHMARKS.md, "Probe step").
         """
         missing = (~found).nonzero().squeeze(1)
         computed = self.values(configs, hook, x_next[missing])
@@ -332,7 +333,8 @@ class ValueProbe(L.LightningModule):
             probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks}
         table = evaluation_table(splits["train"], splits["calib"], splits["test"], self.gamma, dm.version_names,
                                  probes=probes, random_net=random_net, seed=self.hparams.eval_seed, ceilings=self.ceilings)
-        out = {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names)}
+        out = {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names),
+               "test_split": split_composition(splits["test"], dm.version_names)}
         if self.hparams.planning_episodes > 0 and getattr(dm, "agent", None) is not None:
             out["planning"] = self._plan(dm, splits["train"], splits["calib"])
         return out
@@ -419,7 +421,8 @@ class ValueProbe(L.LightningModule):
             row = pick(f"probe:{name}", out["hook"])
             if row is not None:
                 out[f"probe:{name}/r2_return"] = row["r2_return"]
-        if "planning" in self.results:
-            out["planning"] = self.results["planning"]
+        for key in ("planning", "test_split"):
+            if key in self.results:
+                out[key] = self.results[key]
         out["table"] = table
         return out

@@ -3,6 +3,7 @@ section with the command beside each figure, a second run reuses the agent, bad 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,12 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
             assert (root / "report" / target).stat().st_size > 1000, target
     regenerate = [line for line in report.splitlines() if line.startswith("Regenerate:")]
     assert regenerate and all("python train.py " in line for line in regenerate), "every figure names its command"
+    for seed in (0, 1):  # the per-seed table reads each run's summary, the test split's composition included
+        summary = json.loads((root / f"probe_seed{seed}" / "version_0" / "summary.json").read_text())
+        comp = summary["test_split"]["policy"]
+        assert comp["episodes"] > 0 and 0 <= comp["states_in_cut"] <= comp["states"]
+        (line,) = [x for x in report.splitlines() if x.startswith(f"| probe_seed{seed} |")]
+        assert line.split(" | ")[3:5] == [str(comp["episodes"]), str(comp["cut_episodes"])], line
 
     agent_only = {"root": config["root"], "agent": config["agent"]}
     again = run_loop(agent_only, tmp_path / "again.yaml")

@@ -17,7 +17,7 @@ from innercritic.probing import (
     r2,
     spearman,
 )
-from innercritic.probing.evaluate import shared_penalty
+from innercritic.probing.evaluate import Split, shared_penalty, split_composition
 
 # --------------------------------------------------------------------------------------------
 # Standardiser
@@ -346,3 +346,17 @@ def test_lstd_leaves_the_intercept_unpenalised_when_solved_in_its_primal():
     expected = np.linalg.solve(z.T @ (z - gamma * (1 - terminal)[:, None] * zn) + penalty, z.T @ reward)
     fitted = fit_lstd(x, x_next, reward, terminal, gamma, alpha=alpha)
     assert np.allclose(fitted.w, expected[:-1], atol=1e-10) and abs(fitted.b - expected[-1]) < 1e-10
+
+
+def test_split_composition_counts_the_episodes_cut_by_the_time_limit_and_their_states():
+    # version 0: episode 7 terminates after 3 steps, episode 9 is cut after 5; version 1: one episode of 2, terminated
+    episode = np.array([7, 7, 7, 9, 9, 9, 9, 9, 4, 4])
+    terminal = np.array([0, 0, 1, 0, 0, 0, 0, 0, 0, 1], dtype=np.float32)
+    version = np.array([0] * 8 + [1] * 2)
+    n = len(episode)
+    split = Split(x={}, x_next={}, reward=np.zeros(n), terminal=terminal, ret=np.zeros(n), value=np.zeros(n),
+                  value_next=np.zeros(n), version=version, step=np.zeros(n, np.int64), episode=episode)
+    assert split_composition(split, ["policy", "eps:0.5"]) == {
+        "policy": {"episodes": 2, "cut_episodes": 1, "states": 8, "states_in_cut": 5},
+        "eps:0.5": {"episodes": 1, "cut_episodes": 0, "states": 2, "states_in_cut": 0},
+    }

@@ -41,6 +41,7 @@ __all__ = [
     "maze_exact_values",
     "score",
     "shared_penalty",
+    "split_composition",
 ]
 
 LSTD_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -355,6 +356,22 @@ def evaluation_table(
             rows.append(_row("raw_obs", None, i, version_names,
                              score(lin.predict(test.obs[te.rows].astype(np.float64)), nxt, test, te.rows, gamma)))
     return rows
+
+
+def split_composition(split: Split, version_names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per policy version, what a split holds: its episodes, those cut by the time limit (no terminal
+    transition), and the states of each. Figures over states (R^2, MSE) weigh an episode by its length,
+    so a few long, cut episodes can hold much of a small split and decide its R^2."""
+    out = {}
+    for i, name in enumerate(version_names):
+        rows = split.rows(i)
+        episodes, inverse = np.unique(split.episode[rows], return_inverse=True)
+        terminated = np.zeros(len(episodes), bool)
+        np.logical_or.at(terminated, inverse, split.terminal[rows] > 0)
+        states = np.bincount(inverse, minlength=len(episodes))
+        out[name] = {"episodes": int(len(episodes)), "cut_episodes": int((~terminated).sum()),
+                     "states": int(len(rows)), "states_in_cut": int(states[~terminated].sum())}
+    return out
 
 
 def aggregate(tables: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
