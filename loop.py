@@ -277,7 +277,7 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
                      f"{_pm(r, 'spearman_return')} | {_pm(r, 'td_error')} | {_fmt(r.get('labelled_episodes'), 0)} |")
     lines += ["", "Per seed (R² against returns on the policy's test episodes; figures over states weigh each episode by "
               "its length, so the few episodes the step limit cuts can hold much of a test split):", "",
-              f"| probe run | probe:{summaries[0]['config']} | critic | test episodes | cut by the step limit | "
+              f"| probe run | probe:{summaries[0]['probe_config']} | critic | test episodes | cut by the step limit | "
               "their share of the test states |", "|---|---|---|---|---|---|"]
     for run, summary in zip(probe_runs, summaries):
         comp = (summary.get("test_split") or {}).get(policy)

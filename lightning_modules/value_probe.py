@@ -400,11 +400,14 @@ class ValueProbe(L.LightningModule):
                 "exact": None if test.exact is None else test.exact[rows].tolist(), "traces": traces}
 
     def summary(self) -> dict[str, Any]:
-        """Headline figures (first configuration, primary hook point, the policy's head) and the full table."""
+        """Headline figures (first configuration, primary hook point, the policy's head) and the full table.
+
+        The headline configuration's name is ``probe_config``: ``summary.json`` keeps ``config`` for the run's
+        resolved hyperparameters (``callbacks.summary.RunSummary``)."""
         table = self.results.get("table", [])
         names = self.results.get("version_names", ["policy"])
         first = next(iter(self.loss_configs))
-        out: dict[str, Any] = {"hook": getattr(self, "primary_hook", None), "config": first,
+        out: dict[str, Any] = {"hook": getattr(self, "primary_hook", None), "probe_config": first,
                                "loss_weights": {k: c.as_dict() for k, c in self.loss_configs.items()}}
 
         def pick(source: str, hook: str | None) -> Mapping[str, Any] | None:

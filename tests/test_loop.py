@@ -61,6 +61,7 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
             assert (root / "report" / target).stat().st_size > 1000, target
     regenerate = [line for line in report.splitlines() if line.startswith("Regenerate:")]
     assert regenerate and all("python train.py " in line for line in regenerate), "every figure names its command"
+    assert "| probe run | probe:mc | critic | test episodes |" in report, "the headline probe names its configuration"
     for seed in (0, 1):  # the per-seed table reads each run's summary, the test split's composition included
         summary = json.loads((root / f"probe_seed{seed}" / "version_0" / "summary.json").read_text())
         comp = summary["test_split"]["policy"]

@@ -150,7 +150,7 @@ def test_mc_td_and_both_recover_a_known_linear_value():
         assert np.allclose(raw_weights(model, dm, config), truth, atol=0.05), config
     summary = model.summary()
     assert summary["probe/r2_return"] > 0.99 and summary["ridge/r2_return"] > 0.99 and summary["lstd/r2_return"] > 0.99
-    assert summary["probe/r2_return_exact"] > 0.99 and summary["hook"] == HOOK and summary["config"] == "mc"
+    assert summary["probe/r2_return_exact"] > 0.99 and summary["hook"] == HOOK and summary["probe_config"] == "mc"
     assert summary["loss_weights"]["td"]["td"] == 1.0
     floors = {r["source"]: r["r2_return"] for r in model.results["table"] if r["version"] == "policy"}
     assert floors["mean"] < 0.01 and floors["time"] < 0.2, "floors sit far below a probe that recovers the value"
@@ -329,6 +329,7 @@ def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
                 "ridge/r2_return_exact", "lstd/r2_return_exact", "critic/r2_return_exact"):
         assert key in summary, key
     assert summary["hook"] == "encoder.hook_hidden" and summary["loss_weights"]["unsupervised"]["slack"] == 1.0
+    assert summary["probe_config"] == "mc" and summary["config"]["model"]["class"] == "ValueProbe", "both names kept"
     sources = {r["source"] for r in summary["table"]}
     assert sources >= {"probe:mc", "probe:td", "probe:mc_td", "probe:unsupervised", "ridge", "lstd", "critic",
                        "mean", "time", "raw_obs", "random_net", "random_dir", "top_pc"}
