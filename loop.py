@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,8 +37,9 @@ from typing import Any, Sequence
 import yaml
 
 from innercritic.probing.evaluate import aggregate
+from innercritic.errors import InnerCriticError, MissingFileError, exit_on_user_error
 
-__all__ = ["cheese_vector_verdict", "main", "run_loop", "write_report"]
+__all__ = ["main", "run_loop", "steering_verdicts", "write_report"]
 
 ROOT = Path(__file__).resolve().parent
 
@@ -45,12 +47,12 @@ ROOT = Path(__file__).resolve().parent
 def _load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"loop config {str(path)!r} does not exist")
+        raise MissingFileError(f"loop config {str(path)!r} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
     known = {"root", "agent", "probe", "steer"}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"loop config {str(path)!r} has unknown section(s) {unknown}; valid: {sorted(known)}")
+        raise InnerCriticError(f"loop config {str(path)!r} has unknown section(s) {unknown}; valid: {sorted(known)}")
     return config
 
 
@@ -90,10 +92,25 @@ class _Stages:
         self.timings[name] = time.perf_counter() - start
         if done.returncode != 0:
             lines = (self.logs / f"{name}.log").read_text().strip().splitlines()
-            # The stage's own error, not the logger's teardown chatter printed after it.
-            cause = next((ln for ln in reversed(lines) if "Error" in ln or ln.startswith("error")), lines[-1] if lines else "(no output)")
-            raise RuntimeError(f"loop stage {name!r} failed (exit {done.returncode}): {cause.strip()} -- full log: {self.logs / (name + '.log')}")
+            message = f"loop stage {name!r} failed (exit {done.returncode}): {_stage_error(lines)} -- full log: {self.logs / (name + '.log')}"
+            # Exit 2 is a stage's user error (train.py's one-line `error: ...`): the loop's too; anything else is a crash.
+            raise (InnerCriticError if done.returncode == 2 else StageCrash)(message)
         print(f"[loop] {name}: done in {self.timings[name]:.0f} s", flush=True)
+
+
+class StageCrash(RuntimeError):
+    """A stage ended with an error that is not the user's (its traceback is in the stage's log)."""
+
+
+def _stage_error(lines: Sequence[str]) -> str:
+    """The one line that says why a stage failed: its `error: ...` line, else the last exception line of its traceback."""
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: "):].strip()
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line):
+            return line.strip()
+    return lines[-1].strip() if lines else "(no output)"
 
 
 def _agent(stages: _Stages, spec: dict[str, Any]) -> tuple[str, Path | None]:
@@ -132,9 +149,9 @@ def run_loop(config_path: str | Path) -> Path:
     probe_config = probe.get("config", "configs/probe/maze.yaml")
     seeds = [int(s) for s in probe.get("seeds", [0, 1, 2])] if probe else []
     if probe and not seeds:
-        raise ValueError("loop config probe.seeds is empty; give at least one seed")
+        raise InnerCriticError("loop config probe.seeds is empty; give at least one seed")
     if config.get("steer") and not seeds:
-        raise ValueError("loop config has a steer section but no probe section: steering reads the probe runs")
+        raise InnerCriticError("loop config has a steer section but no probe section: steering reads the probe runs")
     probe_runs = []
     for k, seed in enumerate(seeds):
         folder = root / f"probe_seed{seed}"
@@ -156,7 +173,7 @@ def run_loop(config_path: str | Path) -> Path:
             hook = spec.get("hook") or first_summary["hook"]
             path = probe_runs[0] / "probes" / f"{spec['probe']}@{hook}.pt"
             if not path.is_file():
-                raise ValueError(f"loop steer.{name}: no probe {spec['probe']!r} at {hook!r} in {probe_runs[0] / 'probes'}")
+                raise InnerCriticError(f"loop steer.{name}: no probe {spec['probe']!r} at {hook!r} in {probe_runs[0] / 'probes'}")
             args += ["--model.vector_source=probe", f"--model.vector_path={path}", f"--model.hook={hook}"]
         stages.run(f"steer_{name}", _command(*args))
         steer_runs[name] = _latest_run(folder)
@@ -183,39 +200,74 @@ def _pm(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f} ± {row.get(key + '_std', 0.0):.3f}"
 
 
-def cheese_vector_verdict(scan: Sequence[dict[str, Any]]) -> str | None:
-    """A plain statement of whether the published effect of subtracting the cheese vector (Mini et al.
-    2023: the agent ignores the cheese yet still solves mazes, heading for the top-right corner as in
-    training) shows in a scan, with the evidence. Decided on 95% intervals, never tuned: the effect
-    counts as reproduced when, at the most negative coefficient, P(reach cheese) falls below the
-    unsteered interval, the matched random vector's does not, and P(reach the top-right corner) does
-    not fall below the unsteered interval."""
-    cheese = {r["coefficient"]: r for r in scan if r.get("source") == "cheese" and "p_cheese" in r}
-    control = {r["coefficient"]: r for r in scan if r.get("source") == "random" and "p_cheese" in r}
-    negative = [c for c in cheese if c < 0]
-    if 0 not in cheese or not negative:
+# Per vector source: the behaviours the literature reports, each as (metric, sign of the coefficient,
+# direction, what is done). Mini et al. 2023: subtracting the cheese vector makes the mouse ignore the
+# cheese at the decision square; adding the top-right vector sends it toward the top-right corner, and
+# subtracting it keeps the mouse away from the corner.
+EXPECTED_EFFECTS = {
+    "cheese": [("p_decision_cheese", -1, "down", "Subtracting the per-maze cheese vector")],
+    "cheese_averaged": [("p_decision_cheese", -1, "down", "Subtracting the cheese vector averaged over mazes")],
+    "top_right": [("p_decision_top_right", 1, "up", "Adding the per-maze top-right vector"),
+                  ("p_top_right", -1, "down", "Subtracting the per-maze top-right vector")],
+    "top_right_averaged": [("p_decision_top_right", 1, "up", "Adding the top-right vector averaged over mazes"),
+                           ("p_top_right", -1, "down", "Subtracting the top-right vector averaged over mazes")],
+}
+METRIC_NAMES = {"p_decision_cheese": "P(first move toward the cheese at the decision square)",
+                "p_decision_top_right": "P(first move toward the top-right corner at the decision square)",
+                "p_cheese": "P(reach cheese)", "p_top_right": "P(reach the top-right corner)"}
+
+
+def steering_verdicts(scan: Sequence[dict[str, Any]]) -> list[str]:
+    """One sentence per behaviour the literature reports for the scan's vector source (``EXPECTED_EFFECTS``):
+    whether the scan shows it against the matched random control, with the figures.
+
+    Decided on 95% intervals, never tuned: at a coefficient of the expected sign the effect counts when
+    the vector's interval lies wholly beyond the unsteered one in the expected direction and the
+    control's interval at the same coefficient does not. The coefficient quoted is the smallest in
+    magnitude where that holds (else the largest in magnitude, with what failed). Empty when the scan
+    has no such source, no unsteered row or no coefficient of the expected sign.
+    """
+    source = next((r["source"] for r in scan if r.get("source") in EXPECTED_EFFECTS), None)
+    if source is None:
+        return []
+    return [v for v in (_verdict(scan, source, *check) for check in EXPECTED_EFFECTS[source]) if v]
+
+
+def _verdict(scan: Sequence[dict[str, Any]], source: str, metric: str, sign: int, direction: str, action: str) -> str | None:
+    rows = {r["coefficient"]: r for r in scan if r.get("source") == source and metric in r}
+    control = {r["coefficient"]: r for r in scan if r.get("source") == "random" and metric in r}
+    candidates = sorted((c for c in rows if c * sign > 0 and math.isfinite(rows[c][metric])), key=abs)
+    if 0 not in rows or not any(c * sign > 0 for c in rows):
         return None
-    c = min(negative)
-    base, steered, ctrl = cheese[0], cheese[c], control.get(c)
+    base = rows[0]
+    if not math.isfinite(base[metric]) or not candidates:
+        return (f"{action} (`{source}`): the published effect cannot be judged: {METRIC_NAMES[metric]} is undefined "
+                f"(no episode reached its maze's decision square; n_decision {base.get('n_decision', 0)} unsteered): play more episodes.")
+
+    def beyond(row: dict[str, Any] | None) -> bool:
+        if row is None or not math.isfinite(row.get(metric, math.nan)):
+            return False
+        return row[f"{metric}_hi"] < base[f"{metric}_lo"] if direction == "down" else row[f"{metric}_lo"] > base[f"{metric}_hi"]
 
     def show(row: dict[str, Any], key: str) -> str:
         return f"{row[key]:.2f} [{row[key + '_lo']:.2f}, {row[key + '_hi']:.2f}]"
 
-    drop = steered["p_cheese_hi"] < base["p_cheese_lo"]
-    control_drop = ctrl is not None and ctrl["p_cheese_hi"] < base["p_cheese_lo"]
-    corner_kept = steered["p_top_right_hi"] >= base["p_top_right_lo"]
-    if drop and not control_drop and corner_kept:
+    found = next((c for c in candidates if beyond(rows[c]) and not beyond(control.get(c))), None)
+    c = found if found is not None else candidates[-1]
+    steered, ctrl = rows[c], control.get(c)
+    if found is not None:
         verdict = "**reproduces**"
-    elif drop and not control_drop:
-        verdict = "**reproduces only in part** (the cheese is ignored, but the agent also reaches the top-right corner less often)"
-    elif drop:
-        verdict = "**does not reproduce as a cheese-specific effect** (a random vector of the same norm lowers P(cheese) as much)"
+    elif beyond(steered):
+        verdict = "**does not reproduce as a vector-specific effect** (the matched random vector moves it as far)"
     else:
-        verdict = "**does not reproduce** (P(reach cheese) does not fall below the unsteered interval)"
-    evidence = (f"At coefficient {c:g}: P(reach cheese) {show(steered, 'p_cheese')} against {show(base, 'p_cheese')} "
-                f"unsteered" + (f" and {show(ctrl, 'p_cheese')} for the random control" if ctrl else "") +
-                f"; P(reach the top-right corner) {show(steered, 'p_top_right')} against {show(base, 'p_top_right')} unsteered.")
-    return f"Subtracting the cheese vector: the published effect {verdict}. {evidence}"
+        verdict = f"**does not reproduce** (the figure does not leave the unsteered interval at any coefficient up to {c:g})"
+    ratio = f" (x{steered[metric] / base[metric]:.2f})" if base[metric] > 0 else ""
+    evidence = (f"at coefficient {c:g}, {METRIC_NAMES[metric]} {show(steered, metric)}{ratio} against {show(base, metric)} unsteered"
+                + (f" and {show(ctrl, metric)} for the matched random control" if ctrl and math.isfinite(ctrl.get(metric, math.nan)) else ""))
+    others = [m for m in ("p_cheese", "p_top_right") if m != metric and m in steered and m in base]
+    if others:
+        evidence += "; " + ", ".join(f"{METRIC_NAMES[m]} {show(steered, m)} against {show(base, m)}" for m in others)
+    return f"{action} (`{source}`): the published effect {verdict}: {evidence}."
 
 
 CLOSED_FORMS = {"probe:mc": "ridge", "probe:td": "lstd"}
@@ -324,10 +376,13 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
         s = json.loads((run / "summary.json").read_text())
         scan = s.get("scan", [])
         lines += ["", f"## Steering: {name}", "", f"`{commands.get('steer_' + name, '')}`", ""]
-        verdict = cheese_vector_verdict(scan)
-        if verdict:
+        for verdict in steering_verdicts(scan):
             lines += [verdict, ""]
-        metrics = [m for m in ("p_cheese", "p_top_right", "success", "p_first_move_cheese", "kl", "value_change", "length") if scan and m in scan[0]]
+        if scan and scan[0].get("per_level"):
+            lines += ["The vector is built in each maze played (that maze's own contrast pair, at the start); the random control "
+                      "has, level by level, the same norm. `vector_norm` is the mean over the episodes.", ""]
+        metrics = [m for m in ("p_decision_cheese", "p_decision_top_right", "p_cheese", "p_top_right", "success", "kl", "value_change",
+                               "n_decision", "vector_norm") if scan and m in scan[0]]
         lines += ["| source | coefficient | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
         for r in scan:
             cells = [f"{_fmt(r[m])} [{_fmt(r.get(m + '_lo'))}, {_fmt(r.get(m + '_hi'))}]" if m + "_lo" in r else _fmt(r[m]) for m in metrics]
@@ -349,6 +404,6 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("-c", "--config", required=True, help="a loop config, e.g. configs/loop/maze.yaml")
     ns = parser.parse_args(args)
     try:
-        run_loop(ns.config)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        sys.exit(f"error: {err}")  # one line: the stage logs keep the details
+        exit_on_user_error(lambda: run_loop(ns.config))  # a user error: one line and exit 2
+    except StageCrash as err:
+        sys.exit(f"error: {err}")  # one line and exit 1: the stage's log holds its traceback

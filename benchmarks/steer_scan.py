@@ -1,8 +1,8 @@
 """Wall time of a steering scan: 9 coefficients x 100 held-out maze episodes (target: under 2 minutes).
 
 The agent is a small CNN 8-16-16, hidden 128, separate critic (the default network when its figures were recorded) on
-9x9 mazes with the cheese anywhere; the vector is the cheese vector (Mini et al. 2023, averaged over
-100 mazes) at ``encoder.block1.hook_out``, scanned over [-3, -2, -1, -0.5, 0, 0.5, 1, 2, 3] with
+9x9 mazes with the cheese anywhere; the vector is the cheese vector (Mini et al. 2023), built in each
+maze played (``--averaged``: averaged over 100 other mazes) at ``encoder.block1.hook_out``, scanned over [-3, -2, -1, -0.5, 0, 0.5, 1, 2, 3] with
 ``innercritic.steering.run_scan`` (every steered step also runs the unsteered forward pass, for the
 KL and the value change). With random weights (the default) the policy is near-uniform and most
 episodes run to the 324-step limit: the slowest case; ``--ckpt`` times a trained agent instead.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from _report import machine, report
 from innercritic.agents import ActorCritic, load_agent
-from innercritic.steering import cheese_vector, random_like, run_scan
+from innercritic.steering import LevelVectors, averaged_vector, random_like, run_scan
 
 COEFFICIENTS = [-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0]
 HOOK = "encoder.block1.hook_out"
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=100, help="episodes per coefficient")
     parser.add_argument("--ckpt", default=None, help="agent checkpoint (default: the maze config's network, random weights)")
     parser.add_argument("--control", action="store_true", help="also scan the matched-norm random control")
+    parser.add_argument("--averaged", action="store_true", help="the cheese vector averaged over 100 mazes instead of one per maze")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a second busy process cannot stall OpenMP workers)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,7 +48,7 @@ def main() -> None:
         env_kwargs = {"size": 9, "cheese": "anywhere"}
 
     start = time.perf_counter()
-    vector = cheese_vector(agent, HOOK, env_kwargs, num_mazes=100, seed=0)
+    vector = averaged_vector(agent, HOOK, "cheese", env_kwargs, num_mazes=100, seed=0) if args.averaged else LevelVectors(HOOK, "cheese")
     vector_s = time.perf_counter() - start
     start = time.perf_counter()
     rows = run_scan(agent, "maze", env_kwargs, vector, COEFFICIENTS, episodes=args.episodes, seed=0)
@@ -65,9 +66,11 @@ def main() -> None:
     }
     if args.control:
         start = time.perf_counter()
-        run_scan(agent, "maze", env_kwargs, random_like(vector, 0), [c for c in COEFFICIENTS if c != 0], episodes=args.episodes, seed=0)
+        control = random_like(vector, 0) if args.averaged else vector.control(0)
+        run_scan(agent, "maze", env_kwargs, control, [c for c in COEFFICIENTS if c != 0], episodes=args.episodes, seed=0)
         figures["control_scan_s"] = time.perf_counter() - start
         figures["total_with_control_s"] = vector_s + scan_s + figures["control_scan_s"]
+    figures["vector"] = "cheese_averaged" if args.averaged else "cheese (per maze)"
     figures["agent"] = args.ckpt or "random small CNN 8-16-16/128, separate critic"
     figures["torch_threads"] = torch.get_num_threads()
     figures["machine"] = machine()

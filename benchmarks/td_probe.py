@@ -9,7 +9,7 @@ as ``train.py fit`` subprocesses, one after the other:
 
 - ``minibatch``: 12 epochs of 512-transition minibatches (the previous default);
 - ``full_batch``: ``--data.batch_size 0`` and the probe config's own step count (the current default: 1500
-  steps since the ninth session, 1000 before, 200 until the fifth session).
+  steps since commit 34fbf96, 1000 before, 200 until commit 64d25a8).
 
 For each it prints the largest gap to the closed form over the hook points (R^2 against returns on
 the policy's test episodes) and the wall time of the whole run (cache opening, ceilings, fit,

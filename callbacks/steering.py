@@ -25,14 +25,18 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.summary import run_dir
+from innercritic.errors import InnerCriticError
 
 # Panel order: what the protocol asks first. Rows lacking a metric (no maze) skip its panel.
-PLOT_METRICS = ("p_cheese", "p_top_right", "p_first_move_cheese", "pi_first_move_cheese", "success", "return", "length", "kl", "value_change")
+PLOT_METRICS = ("p_decision_cheese", "p_decision_top_right", "p_cheese", "p_top_right", "pi_decision_cheese", "pi_decision_top_right",
+                "success", "return", "length", "kl", "value_change")
 LABELS = {
     "p_cheese": "P(reach cheese)",
     "p_top_right": "P(reach top-right corner)",
-    "p_first_move_cheese": "P(first move to cheese | at decision sq.)",
-    "pi_first_move_cheese": "pi(move to cheese) at decision sq.",
+    "p_decision_cheese": "P(first move to cheese | at decision sq.)",
+    "p_decision_top_right": "P(first move to corner | at decision sq.)",
+    "pi_decision_cheese": "pi(move to cheese) at decision sq.",
+    "pi_decision_top_right": "pi(move to corner) at decision sq.",
     "success": "success",
     "return": "return",
     "length": "episode length",
@@ -60,10 +64,10 @@ class SteeringPlots(L.Callback):
     ) -> None:
         super().__init__()
         if action_maps < 0:
-            raise ValueError(f"action_maps must be >= 0, got {action_maps}")
+            raise InnerCriticError(f"action_maps must be >= 0, got {action_maps}")
         unknown = [m for m in (metrics or []) if m not in PLOT_METRICS]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(PLOT_METRICS)}")
+            raise InnerCriticError(f"unknown metric(s) {unknown}; valid: {', '.join(PLOT_METRICS)}")
         self.metrics = metrics
         self.action_maps = int(action_maps)
         self.action_map_coefficient = action_map_coefficient

@@ -22,7 +22,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from innercritic.agents.noisy import PolicyVersion
+from innercritic.envs.episodes import run_episodes
 from innercritic.envs.factory import env_family, make_env
+from innercritic.errors import InnerCriticError
 
 # Evaluation levels come from a seed range training never draws from (training seeds are small).
 EVAL_SEED_OFFSET = 1_000_000_007
@@ -139,9 +141,9 @@ class RolloutDataModule(L.LightningDataModule):
             counts["final_eval_episodes"] = final_eval_episodes
         for name, value in counts.items():
             if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
+                raise InnerCriticError(f"data.{name} must be >= 1, got {value}")
         if (warmup_env_kwargs is None) != (warmup_env_steps == 0) or warmup_env_steps < 0:
-            raise ValueError(f"data.warmup_env_kwargs and data.warmup_env_steps go together (overrides and a positive step "
+            raise InnerCriticError(f"data.warmup_env_kwargs and data.warmup_env_steps go together (overrides and a positive step "
                              f"count, or neither), got {warmup_env_kwargs} and {warmup_env_steps}")
         self.env_spec = env
         self.env_kwargs = dict(env_kwargs or {})
@@ -161,7 +163,7 @@ class RolloutDataModule(L.LightningDataModule):
         if warmup_env_steps:
             shape, actions, _ = self._spaces(self._phase_kwargs("warmup"))
             if (shape, actions) != (self.obs_shape, self.num_actions):
-                raise ValueError(f"data.warmup_env_kwargs {self.warmup_env_kwargs} gives observations {shape} and {actions} actions, "
+                raise InnerCriticError(f"data.warmup_env_kwargs {self.warmup_env_kwargs} gives observations {shape} and {actions} actions, "
                                  f"data.env_kwargs {self.obs_shape} and {self.num_actions}; one agent must fit both (maze: the same obs_size)")
         self.envs = None
         self._phase: str | None = None  # "warmup" or "main": which training envs ``envs`` holds
@@ -285,48 +287,26 @@ class RolloutDataModule(L.LightningDataModule):
     def evaluate(self, agent: torch.nn.Module, episodes: int | None = None) -> dict[str, dict[str, float]]:
         """Run ``episodes`` episodes on each evaluation distribution with the sampled policy.
 
-        Every env counts exactly its first episode of a round, so short (successful) episodes are not
-        over-represented. Levels are seeded from a range training never uses, the same every epoch (so
-        curves compare like with like) and offset by rank (so ranks evaluate different levels).
+        Played by ``innercritic.envs.episodes.run_episodes``: every env counts exactly its first episode
+        of a round, so short (successful) episodes are not over-represented. Levels are seeded from a
+        range training never uses, the same every epoch (so curves compare like with like) and offset by
+        rank (so ranks evaluate different levels).
         """
         episodes = self.eval_episodes if episodes is None else episodes
         device = next(agent.parameters()).device
+
+        def act(env: Any, obs: np.ndarray, pending: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, dict]:
+            # The policy tower only (the critic's value would be thrown away: half the cost), over every env, so
+            # each round draws its dice the same way however many envs it counts.
+            logits = agent.policy_logits(torch.from_numpy(obs).to(device))
+            return POLICY.sample(logits, generator).cpu().numpy(), {}
+
         results = {}
         for d, (name, overrides) in enumerate(self.eval_dists.items()):
-            n = min(self.eval_num_envs, episodes)
             base = EVAL_SEED_OFFSET + 1_000_003 * d + self.rank * episodes
-            env = make_env(self.env_spec, n, seed=base, **{**self.env_kwargs, **overrides})
-            generator = torch.Generator(device=device).manual_seed(base)
-            rounds = []
-            for r in range(-(-episodes // n)):
-                obs, _ = env.reset(seed=base + r * n)
-                tracker = EpisodeTracker(n)
-                first = {k: np.zeros(n, np.float64) for k in tracker.finished}
-                pending = np.ones(n, bool)
-                while pending.any():
-                    # policy tower only: the critic's value would be thrown away (half the cost)
-                    logits = agent.policy_logits(torch.from_numpy(obs).to(device))
-                    action = POLICY.sample(logits, generator)
-                    obs, reward, terminated, truncated, info = env.step(action.cpu().numpy())
-                    done = terminated | truncated
-                    tracker.update(reward, terminated, truncated, info)
-                    finished = tracker.pop()
-                    if (done & pending).any():
-                        # tracker reports finishers in env order; pick those still pending
-                        order = np.flatnonzero(done)
-                        keep = pending[order]
-                        for k in first:
-                            first[k][order[keep]] = finished[k][keep]
-                        pending &= ~done
-                rounds.append(first)
-            env.close()
-            merged = {k: np.concatenate([r[k] for r in rounds])[:episodes] for k in rounds[0]}
-            results[name] = {
-                "return": float(merged["return"].mean()),
-                "length": float(merged["length"].mean()),
-                "success": float(merged["success"].mean()),
-            }
+            ep = run_episodes(self.env_spec, {**self.env_kwargs, **overrides}, episodes, base, self.eval_num_envs, act, device=device)
+            results[name] = {"return": float(ep["return"].mean()), "length": float(ep["length"].mean()), "success": float(ep["success"].mean())}
             if self.env_spec == "maze":
                 results[name]["p_cheese"] = results[name]["success"]
-                results[name]["p_top_right"] = float(merged["top_right"].mean())
+                results[name]["p_top_right"] = float(ep["top_right"].mean())
         return results

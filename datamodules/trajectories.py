@@ -66,6 +66,7 @@ from innercritic.cache import (
 )
 from innercritic.cache.format import format_differences
 from innercritic.probing.evaluate import Split, maze_exact_values
+from innercritic.errors import InnerCriticError
 
 __all__ = ["TrajectoryDataModule", "TransitionDataset"]
 
@@ -163,14 +164,14 @@ class TrajectoryDataModule(L.LightningDataModule):
         versions = [versions] if isinstance(versions, str) else list(versions)
         fractions = tuple(float(f) for f in split_fractions)
         if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6) or fractions[0] == 0:
-            raise ValueError(f"data.split_fractions must be three non-negative shares (train, calibration, test) summing to 1 "
+            raise InnerCriticError(f"data.split_fractions must be three non-negative shares (train, calibration, test) summing to 1 "
                              f"with a non-empty train share, got {split_fractions}")
         if activation_dtype not in ACTIVATION_DTYPES:
-            raise ValueError(f"data.activation_dtype must be one of {list(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+            raise InnerCriticError(f"data.activation_dtype must be one of {list(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
         if episodes_per_version < 1:
-            raise ValueError(f"data.episodes_per_version must be >= 1, got {episodes_per_version}")
+            raise InnerCriticError(f"data.episodes_per_version must be >= 1, got {episodes_per_version}")
         if batch_size < 0:
-            raise ValueError(f"data.batch_size must be >= 1 (transitions per batch) or 0 (the whole split), got {batch_size}")
+            raise InnerCriticError(f"data.batch_size must be >= 1 (transitions per batch) or 0 (the whole split), got {batch_size}")
         self.agent_ckpt = str(agent_ckpt)
         self.cache_dir = Path(cache_dir)
         self.split_fractions = fractions
@@ -191,7 +192,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.hooks: list[str] = list(self.hook_points if hooks is None else hooks)
         missing = [h for h in self.hooks if h not in self.hook_points]
         if missing or not self.hooks:
-            raise ValueError(f"data.hooks {missing or self.hooks} must be a non-empty subset of the collected hook points {self.hook_points}")
+            raise InnerCriticError(f"data.hooks {missing or self.hooks} must be a non-empty subset of the collected hook points {self.hook_points}")
         self.version_names: list[str] = list(self.request["versions"])
         self.gamma: float = float(self.request["gamma"])
         self.feature_dims: dict[str, int] = {h: int(math.prod(self.request["hook_shapes"][h])) for h in self.hooks}
@@ -215,7 +216,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         try:
             build_cache(self.agent, self.request, self.cache_dir, rebuild=self.rebuild, progress=self.progress, source=source)
         except CacheMismatchError as err:
-            raise CacheMismatchError(f"{err} (on the command line: --data.rebuild true)") from None
+            raise CacheMismatchError(f"{err} (to rebuild it: --data.rebuild true with train.py, --rebuild true with python -m datamodules.trajectories)") from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is not None:
@@ -362,4 +363,6 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from innercritic.errors import exit_on_user_error
+
+    exit_on_user_error(main)

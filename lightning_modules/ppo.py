@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from innercritic.agents.checkpoint import AGENT_KIND, check_env_compatible, load_agent
 from innercritic.agents.networks import ActorCritic
+from innercritic.errors import InnerCriticError
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor,
@@ -107,6 +108,8 @@ class PPO(L.LightningModule):
         init_from: agent checkpoint whose weights start this run (a new run; ``--ckpt_path`` resumes one).
     """
 
+    CHECKPOINT_KIND = AGENT_KIND  # what --ckpt_path must hold
+
     def __init__(
         self,
         arch: str = "small",
@@ -136,14 +139,14 @@ class PPO(L.LightningModule):
     ) -> None:
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"model.lr must be positive, got {lr}")
+            raise InnerCriticError(f"model.lr must be positive, got {lr}")
         if not 0 < gamma <= 1 or not 0 <= gae_lambda <= 1:
-            raise ValueError(f"model.gamma must be in (0, 1] and model.gae_lambda in [0, 1], got {gamma} and {gae_lambda}")
+            raise InnerCriticError(f"model.gamma must be in (0, 1] and model.gae_lambda in [0, 1], got {gamma} and {gae_lambda}")
         if ent_coef < 0 or (ent_coef_final is not None and ent_coef_final < 0):
-            raise ValueError(f"model.ent_coef and model.ent_coef_final must be >= 0, got {ent_coef} and {ent_coef_final}")
+            raise InnerCriticError(f"model.ent_coef and model.ent_coef_final must be >= 0, got {ent_coef} and {ent_coef_final}")
         for name, value in (("total_env_steps", total_env_steps), ("update_epochs", update_epochs), ("num_minibatches", num_minibatches)):
             if value < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {value}")
+                raise InnerCriticError(f"model.{name} must be >= 1, got {value}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.agent: ActorCritic | None = None
@@ -159,7 +162,7 @@ class PPO(L.LightningModule):
         dm = self.trainer.datamodule
         batch = dm.num_envs * dm.num_steps
         if batch % self.hparams.num_minibatches:
-            raise ValueError(
+            raise InnerCriticError(
                 f"a rollout of data.num_envs * data.num_steps = {batch} transitions does not split into "
                 f"model.num_minibatches = {self.hparams.num_minibatches} equal minibatches; pick a divisor of {batch}")
         if self.env_info is not None:
@@ -179,7 +182,7 @@ class PPO(L.LightningModule):
                     # named from the configs themselves, so a network argument added later is named too
                     differ = "; ".join(f"{k} {source.config.get(k)} there, {v} here" for k, v in self.agent.config.items()
                                        if source.config.get(k) != v)
-                    raise ValueError(f"init_from checkpoint {self.hparams.init_from} holds another network ({differ}); "
+                    raise InnerCriticError(f"init_from checkpoint {self.hparams.init_from} holds another network ({differ}); "
                                      f"set those model arguments to the checkpoint's")
                 self.agent.load_state_dict(source.state_dict())
 
@@ -191,7 +194,7 @@ class PPO(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("innercritic")
         if meta is None or meta.get("kind") != AGENT_KIND:
-            raise ValueError("checkpoint is not an InnerCritic PPO agent checkpoint (no 'innercritic' agent metadata)")
+            raise InnerCriticError("checkpoint is not an InnerCritic PPO agent checkpoint (no 'innercritic' agent metadata)")
         if self.agent is None:  # load_from_checkpoint outside fit: build from the stored config
             self.agent = ActorCritic(**meta["agent_config"])
             self.env_info = meta["env"]

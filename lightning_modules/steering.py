@@ -15,8 +15,12 @@ bar counts coefficients, and under DDP the ranks share the coefficients and gath
 
 Vector sources (``vector_source``):
 
-- ``cheese``: the contrast pair, maze with cheese minus the same maze without, at the start, averaged
-  over ``num_mazes`` mazes of the scan's env distribution;
+- ``cheese`` (the default): the contrast pair as Mini et al. build it, in the maze being played: for
+  every level, that maze with its cheese minus the same maze without, at the start; the random control
+  is a Gaussian vector per level of that level's norm;
+- ``top_right``: the same per level, the maze minus the same maze with its top-right corner walled off;
+- ``cheese_averaged`` / ``top_right_averaged``: the contrast averaged over ``num_mazes`` other mazes of
+  the scan's env distribution, one vector for every maze (the weaker variant);
 - ``file``: a vector saved by ``SteeringVector.save`` (every scan saves its own as ``steering_vector.pt``);
 - ``probe``: a probe's direction, from a weights-only file holding ``weight`` (flattened activation,
   standardised space; or (heads, D), head ``probe_head``) and ``std``; unit norm unless ``vector_norm``;
@@ -43,9 +47,11 @@ from innercritic.envs.factory import env_family, make_env
 from innercritic.steering import (
     MEAN_METRICS,
     PROPORTION_METRICS,
+    CONTRASTS,
+    LevelVectors,
     SteeringVector,
     activation_shape,
-    cheese_vector,
+    averaged_vector,
     check_coefficients,
     check_vector,
     mean_difference_from_cache,
@@ -53,8 +59,10 @@ from innercritic.steering import (
     random_like,
     run_scan,
 )
+from innercritic.errors import InnerCriticError
 
-VECTOR_SOURCES = ("cheese", "file", "probe", "mean_difference", "random")
+# Per-level contrasts (built in each maze played), their averages over other mazes, and fixed vectors.
+VECTOR_SOURCES = (*CONTRASTS, *(f"{c}_averaged" for c in CONTRASTS), "file", "probe", "mean_difference", "random")
 DEFAULT_COEFFICIENTS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0)
 
 
@@ -64,7 +72,7 @@ class SteeringScan(L.LightningModule):
     Args:
         agent_ckpt: PPO checkpoint of the agent to steer (written by ``train.py fit``).
         hook: hook point the vector is built at and added to (``model.hook_names`` lists them).
-        vector_source: where the vector comes from: cheese, file, probe, mean_difference or random.
+        vector_source: where the vector comes from: cheese, top_right (per level), cheese_averaged, top_right_averaged, file, probe, mean_difference or random.
         vector_path: the file for ``file`` (a SteeringVector) and ``probe`` (weight and std tensors).
         coefficients: coefficients to scan; 0 is the unsteered agent.
         episodes: episodes per coefficient (each env's first episode, held-out levels).
@@ -72,9 +80,9 @@ class SteeringScan(L.LightningModule):
         num_envs: envs stepped together (None: all episodes at once).
         positions: (h, w) squares of a conv hook to add the vector at (None: everywhere).
         env_overrides: env kwargs over the checkpoint's (held-out: num_levels is 0 unless set here).
-        num_mazes: mazes the cheese vector is averaged over.
-        vector_seed: seed of the mazes the cheese vector is built on (a range no scan plays).
-        vector_norm: rescale the vector to this norm before scanning (None: keep its own; required for random).
+        num_mazes: mazes an averaged vector is averaged over.
+        vector_seed: seed of the mazes an averaged vector is built on (a range no scan plays).
+        vector_norm: rescale the vector to this norm before scanning (None: keep its own; required for random; not for per-level vectors).
         random_control: also scan a random vector of the same norm (the control) at the same coefficients.
         control_seed: seed of the random control vector.
         probe_head: head of a multi-head probe whose direction is used (0: the policy's head).
@@ -109,23 +117,26 @@ class SteeringScan(L.LightningModule):
         # Every check that needs no agent happens here, before the trainer or the loggers exist.
         self.coefficients = check_coefficients(coefficients)
         if vector_source not in VECTOR_SOURCES:
-            raise ValueError(f"unknown vector_source {vector_source!r}; valid: {', '.join(VECTOR_SOURCES)}")
+            raise InnerCriticError(f"unknown vector_source {vector_source!r}; valid: {', '.join(VECTOR_SOURCES)}")
         if vector_source in ("file", "probe") and not vector_path:
-            raise ValueError(f"vector_source {vector_source!r} needs model.vector_path (the file to read the vector from)")
+            raise InnerCriticError(f"vector_source {vector_source!r} needs model.vector_path (the file to read the vector from)")
         if vector_source == "mean_difference" and not cache_dir:
-            raise ValueError("vector_source 'mean_difference' needs model.cache_dir (a trajectory cache with activations of the hook)")
+            raise InnerCriticError("vector_source 'mean_difference' needs model.cache_dir (a trajectory cache with activations of the hook)")
         if vector_source == "random" and vector_norm is None:
-            raise ValueError("vector_source 'random' needs model.vector_norm (the norm of the random vector)")
+            raise InnerCriticError("vector_source 'random' needs model.vector_norm (the norm of the random vector)")
+        if vector_norm is not None and vector_source in CONTRASTS:
+            raise InnerCriticError(f"model.vector_norm rescales one fixed vector; vector_source {vector_source!r} builds one per level with its own norm: "
+                             f"drop vector_norm, or use {vector_source}_averaged")
         if vector_norm is not None and not (math.isfinite(vector_norm) and vector_norm > 0):
-            raise ValueError(f"model.vector_norm must be a positive number or null, got {vector_norm!r}")
+            raise InnerCriticError(f"model.vector_norm must be a positive number or null, got {vector_norm!r}")
         for name, value in (("episodes", episodes), ("num_mazes", num_mazes)) + ((("num_envs", num_envs),) if num_envs is not None else ()):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
+                raise InnerCriticError(f"model.{name} must be an integer >= 1, got {value!r}")
         self.save_hyperparameters()
         self.agent: ActorCritic | None = None
         self.env_spec: str | None = None
         self.env_kwargs: dict[str, Any] = {}
-        self.vectors: list[SteeringVector] = []
+        self.vectors: list[SteeringVector | LevelVectors] = []
         self.rows: dict[int, list[dict[str, Any]]] = {}
         self._results: list[tuple[int, int, dict[str, Any]]] = []
         self.figures: list[str] = []
@@ -152,6 +163,10 @@ class SteeringScan(L.LightningModule):
         check_env_compatible({**env_info, "obs_shape": list(agent.obs_shape), "num_actions": agent.num_actions}, current, "the agent")
         activation_shape(agent, hp.hook)  # an unknown hook fails here, naming the valid ones
         vector = self._build_vector()
+        if isinstance(vector, LevelVectors):
+            check_vector(agent, torch.zeros(activation_shape(agent, hp.hook)), hp.hook, hp.positions)
+            self.vectors = [vector] + ([vector.control(hp.control_seed)] if hp.random_control else [])
+            return
         if hp.vector_norm is not None:
             vector = vector.scaled_to(hp.vector_norm)
         check_vector(agent, vector.tensor, hp.hook, hp.positions)
@@ -159,17 +174,21 @@ class SteeringScan(L.LightningModule):
         if hp.random_control:
             self.vectors.append(random_like(vector, hp.control_seed))
 
-    def _build_vector(self) -> SteeringVector:
+    def _build_vector(self) -> SteeringVector | LevelVectors:
         hp = self.hparams
         source = hp.vector_source
-        if source == "cheese":
+        contrast = source.removesuffix("_averaged")
+        if contrast in CONTRASTS:
             if env_family(self.env_spec) != "maze":
-                raise ValueError(f"vector_source 'cheese' needs a maze agent; this one plays {self.env_spec!r}: use file, probe, mean_difference or random")
-            return cheese_vector(self.agent, hp.hook, self.env_kwargs, hp.num_mazes, hp.vector_seed)
+                raise InnerCriticError(f"vector_source {source!r} needs a maze agent (a maze with cheese and a top-right corner); this one plays "
+                                 f"{self.env_spec!r}: use file, probe, mean_difference or random")
+            if source == contrast:
+                return LevelVectors(hp.hook, contrast)
+            return averaged_vector(self.agent, hp.hook, contrast, self.env_kwargs, hp.num_mazes, hp.vector_seed)
         if source == "file":
             vector = SteeringVector.load(hp.vector_path)
             if vector.hook != hp.hook:
-                raise ValueError(f"the vector in {hp.vector_path!r} was built at hook {vector.hook!r}, but model.hook is {hp.hook!r}; set model.hook to {vector.hook!r}")
+                raise InnerCriticError(f"the vector in {hp.vector_path!r} was built at hook {vector.hook!r}, but model.hook is {hp.hook!r}; set model.hook to {vector.hook!r}")
             return vector
         if source == "probe":
             return _probe_vector(hp.vector_path, hp.hook, hp.probe_head, activation_shape(self.agent, hp.hook))
@@ -191,9 +210,11 @@ class SteeringScan(L.LightningModule):
         # trainer.log_dir broadcasts from rank 0, a collective: every rank must ask, not rank 0 alone.
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
+            # Per-level vectors exist only while their level is played: there is no one file to save.
             names = ["steering_vector.pt"] + [f"control_vector_{v.source}.pt" for v in self.vectors[1:]]
             for name, vector in zip(names, self.vectors):
-                vector.save(out / name)
+                if isinstance(vector, SteeringVector):
+                    vector.save(out / name)
 
     def test_step(self, token: int, batch_idx: int) -> None:
         hp = self.hparams
@@ -203,7 +224,7 @@ class SteeringScan(L.LightningModule):
         for v, vector in enumerate(self.vectors):
             if c == 0 and zero_row is not None:
                 # At 0 no vector is added, so every source's row is the same episodes: play them once.
-                row = {**zero_row, "source": vector.source, "vector_norm": vector.norm}
+                row = {**zero_row, "source": vector.source}
             else:
                 # Not offset by rank: every coefficient must play the same levels with the same dice.
                 row = run_scan(self.agent, self.env_spec, self.env_kwargs, vector, [c], hp.episodes, hp.seed, hp.positions, hp.num_envs)[0]
@@ -259,14 +280,14 @@ def _probe_vector(path: str, hook: str, head: int, shape: tuple[int, ...]) -> St
     payload = read_checkpoint(path)
     if not isinstance(payload, dict) or "weight" not in payload or "std" not in payload:
         keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"probe file {path!r} must hold tensors 'weight' (standardised space) and 'std'; it holds {keys}")
+        raise InnerCriticError(f"probe file {path!r} must hold tensors 'weight' (standardised space) and 'std'; it holds {keys}")
     stored_hook = payload.get("hook")
     if isinstance(stored_hook, str) and stored_hook != hook:
-        raise ValueError(f"the probe in {path!r} reads hook {stored_hook!r}, but model.hook is {hook!r}; set model.hook to {stored_hook!r}")
+        raise InnerCriticError(f"the probe in {path!r} reads hook {stored_hook!r}, but model.hook is {hook!r}; set model.hook to {stored_hook!r}")
     weight = torch.as_tensor(payload["weight"])
     if weight.dim() == 2:
         if not 0 <= head < weight.shape[0]:
-            raise ValueError(f"probe_head {head} does not exist: the probe in {path!r} has {weight.shape[0]} heads (0..{weight.shape[0] - 1})")
+            raise InnerCriticError(f"probe_head {head} does not exist: the probe in {path!r} has {weight.shape[0]} heads (0..{weight.shape[0] - 1})")
         weight = weight[head]
     return probe_direction(weight, payload["std"], hook, shape=shape, metadata={"path": str(path), "head": int(head)})
 
@@ -278,7 +299,7 @@ def _cache_vector(cache_dir: str, hook: str, label_field: str, label_split: floa
     cache = TrajectoryCache(cache_dir)
     if label_field not in cache.fields or cache.fields[label_field]["per"] != "row":
         per_row = sorted(k for k, f in cache.fields.items() if f["per"] == "row" and not k.startswith("act.") and k != "obs")
-        raise ValueError(f"label_field {label_field!r} is not a per-row field of the cache at {cache_dir!r}; valid: {', '.join(per_row)}")
+        raise InnerCriticError(f"label_field {label_field!r} is not a per-row field of the cache at {cache_dir!r}; valid: {', '.join(per_row)}")
     labels = cache.column(label_field).astype(np.float64)
     # The final row of each episode has no action: it is a state no policy acted in.
     keep = ~cache.column("last").astype(bool) if "last" in cache.fields else np.ones(len(labels), bool)
@@ -286,5 +307,5 @@ def _cache_vector(cache_dir: str, hook: str, label_field: str, label_split: floa
     rows = np.flatnonzero(keep)
     high, low = rows[labels[rows] >= split], rows[labels[rows] < split]
     if len(high) == 0 or len(low) == 0:
-        raise ValueError(f"label_split {split} puts all {len(rows)} states on one side of {label_field!r}; pick a value inside its range")
+        raise InnerCriticError(f"label_split {split} puts all {len(rows)} states on one side of {label_field!r}; pick a value inside its range")
     return mean_difference_from_cache(cache, hook, high, low, metadata={"label_field": label_field, "label_split": split})

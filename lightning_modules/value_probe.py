@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from innercritic.agents.checkpoint import describe_checkpoint, read_checkpoint
 from innercritic.agents.networks import ActorCritic
 from innercritic.probing.evaluate import Split, calibrated, evaluation_table, fit_ceilings, hook_features, split_composition
 from innercritic.probing.planning import compare_planners, critic_value_fn, probe_value_fn
 from innercritic.probing.losses import LossConfig, probe_loss_terms
+from innercritic.errors import InnerCriticError
 
 __all__ = ["ValueProbe", "PROBE_KIND"]
 
@@ -79,6 +81,8 @@ class ValueProbe(L.LightningModule):
         init_from: a probe checkpoint whose heads and standardisation start this run (fine-tuning).
     """
 
+    CHECKPOINT_KIND = PROBE_KIND  # what --ckpt_path must hold
+
     def __init__(
         self,
         configs: dict[str, dict[str, Any]] | None = None,
@@ -95,17 +99,17 @@ class ValueProbe(L.LightningModule):
         super().__init__()
         configs = {"mc": {"mc": 1.0}} if configs is None else dict(configs)
         if not configs:
-            raise ValueError("model.configs is empty; give at least one probe configuration, e.g. {mc: {mc: 1.0}}")
+            raise InnerCriticError("model.configs is empty; give at least one probe configuration, e.g. {mc: {mc: 1.0}}")
         self.loss_configs = {name: LossConfig.from_dict(name, spec or {}) for name, spec in configs.items()}
         for name in self.loss_configs:
             if not name or any(ch in name for ch in ".@/ "):
-                raise ValueError(f"probe configuration name {name!r} is invalid: use letters, digits, '_' or '-'")
+                raise InnerCriticError(f"probe configuration name {name!r} is invalid: use letters, digits, '_' or '-'")
         if slack_head not in SLACK_HEADS:
-            raise ValueError(f"model.slack_head {slack_head!r} is invalid; valid: {', '.join(SLACK_HEADS)}")
+            raise InnerCriticError(f"model.slack_head {slack_head!r} is invalid; valid: {', '.join(SLACK_HEADS)}")
         if lr <= 0:
-            raise ValueError(f"model.lr must be positive, got {lr}")
+            raise InnerCriticError(f"model.lr must be positive, got {lr}")
         if penalty not in PENALTIES:
-            raise ValueError(f"model.penalty {penalty!r} is invalid; valid: {', '.join(PENALTIES)}")
+            raise InnerCriticError(f"model.penalty {penalty!r} is invalid; valid: {', '.join(PENALTIES)}")
         self.save_hyperparameters()
         self.heads = nn.ModuleDict()
         self.slacks = nn.ModuleDict()
@@ -121,12 +125,12 @@ class ValueProbe(L.LightningModule):
         dm = self.trainer.datamodule
         for attr in ("hooks", "feature_dims", "num_versions", "num_states", "stats", "gamma"):
             if getattr(dm, attr, None) is None:
-                raise ValueError(f"ValueProbe needs a trajectory datamodule exposing {attr!r} after setup "
+                raise InnerCriticError(f"ValueProbe needs a trajectory datamodule exposing {attr!r} after setup "
                                  f"(datamodules.trajectories.TrajectoryDataModule); got {type(dm).__name__}")
         self.hooks = list(dm.hooks)
         primary = self.hparams.primary_hook
         if primary is not None and primary not in self.hooks:
-            raise ValueError(f"model.primary_hook {primary!r} is not among the served hook points {self.hooks}")
+            raise InnerCriticError(f"model.primary_hook {primary!r} is not among the served hook points {self.hooks}")
         self.primary_hook = primary or self.hooks[-1]
         self.gamma = float(dm.gamma)
         V = int(dm.num_versions)
@@ -209,10 +213,10 @@ class ValueProbe(L.LightningModule):
         so that is what it starts from (identical weights when the data are the same). An unsupervised head
         keeps its direction; its scale is the free one that calibration sets.
         """
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         meta = ckpt.get("innercritic_probe") if isinstance(ckpt, dict) else None
         if meta is None or meta.get("kind") != PROBE_KIND:
-            raise ValueError(f"init_from {path!r} is not an InnerCritic value-probe checkpoint")
+            raise InnerCriticError(f"init_from {path!r} is {describe_checkpoint(ckpt)}, not an InnerCritic value-probe checkpoint ({PROBE_KIND})")
         state = ckpt["state_dict"]
         matched = []
         # Slack variables belong to the old data's states and L2 strengths to its penalties: both start afresh.
@@ -228,7 +232,7 @@ class ValueProbe(L.LightningModule):
                 head.bias.copy_(bias.double() + weight.double() @ ((mean - mean0) / std0))
             matched.append(f"heads.{key}")
         if not matched:
-            raise ValueError(f"init_from {path!r} holds heads for {meta.get('heads')}, none of which match this run's "
+            raise InnerCriticError(f"init_from {path!r} holds heads for {meta.get('heads')}, none of which match this run's "
                              f"{sorted(self.heads.keys())} (same configuration name, hook point and number of versions)")
         self.initialised_from = sorted(matched)
 

@@ -40,18 +40,20 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
         "agent": {"config": "configs/ppo/maze.yaml", "args": TINY_AGENT},
         "probe": {"config": "configs/probe/maze.yaml", "seeds": [0, 1], "planning_episodes": 4, "args": TINY_PROBE},
         "steer": {"cheese": {"config": "configs/steer/maze.yaml", "args": TINY_STEER},
+                  "top_right": {"config": "configs/steer/maze.yaml", "args": TINY_STEER + ["--model.vector_source=top_right"]},
                   "value_probe": {"config": "configs/steer/maze.yaml", "probe": "mc", "hook": "encoder.block1.hook_out",
                                   "args": TINY_STEER + ["--model.vector_norm=1.0"]}},
     }
     done = run_loop(config, tmp_path / "loop.yaml")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     root = tmp_path / "loop"
-    for stage in ("agent", "probe_seed0", "probe_seed1", "steer_cheese", "steer_value_probe"):
+    for stage in ("agent", "probe_seed0", "probe_seed1", "steer_cheese", "steer_top_right", "steer_value_probe"):
         assert f"[loop] {stage}: done in" in done.stdout, stage
         assert (root / "logs" / f"{stage}.log").is_file()
         run_file(root / stage / "wandb")  # exactly one offline W&B run per stage
     report = (root / "report" / "report.md").read_text()
-    for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: value_probe",
+    for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: top_right", "## Steering: value_probe",
+                    "per-maze cheese vector (`cheese`): the published effect", "per-maze top-right vector (`top_right`)",
                     "| probe:mc |", "| ridge |", "| lstd |", "| critic |", "| random_net |", "± ",
                     "| probe:mc vs ridge |", "| probe:td vs lstd |"):
         assert section in report, section
@@ -112,26 +114,42 @@ def test_the_minigrid_and_breakout_loops_run_end_to_end(tmp_path, name, agent_ar
     assert ("## Planning" in report) == (name == "minigrid_doorkey")
 
 
-def _row(source: str, c: float, p_cheese: tuple[float, float, float], p_top_right: tuple[float, float, float]) -> dict:
-    return {"source": source, "coefficient": c, "p_cheese": p_cheese[0], "p_cheese_lo": p_cheese[1], "p_cheese_hi": p_cheese[2],
-            "p_top_right": p_top_right[0], "p_top_right_lo": p_top_right[1], "p_top_right_hi": p_top_right[2]}
+def _row(source: str, c: float, **metrics: tuple[float, float, float]) -> dict:
+    row = {"source": source, "coefficient": c}
+    for name, (value, lo, hi) in metrics.items():
+        row.update({name: value, f"{name}_lo": lo, f"{name}_hi": hi})
+    return row
 
 
-def test_the_cheese_vector_verdict_follows_the_intervals_it_quotes():
-    from loop import cheese_vector_verdict
+def test_the_steering_verdict_follows_the_intervals_it_quotes():
+    from loop import steering_verdicts
 
-    base = _row("cheese", 0, (0.6, 0.5, 0.7), (0.3, 0.2, 0.4))
-    ignores = _row("cheese", -2, (0.2, 0.13, 0.29), (0.45, 0.35, 0.55))
-    control = _row("random", -2, (0.58, 0.48, 0.68), (0.3, 0.2, 0.4))
-    assert "**reproduces**" in cheese_vector_verdict([base, ignores, control])
-    assert "0.20 [0.13, 0.29] against 0.60 [0.50, 0.70]" in cheese_vector_verdict([base, ignores, control])
-    control_too = _row("random", -2, (0.2, 0.12, 0.3), (0.3, 0.2, 0.4))
-    assert "does not reproduce as a cheese-specific effect" in cheese_vector_verdict([base, ignores, control_too])
-    lost = _row("cheese", -2, (0.2, 0.13, 0.29), (0.05, 0.01, 0.1))
-    assert "reproduces only in part" in cheese_vector_verdict([base, lost, control])
-    nothing = _row("cheese", -2, (0.55, 0.45, 0.65), (0.3, 0.2, 0.4))
-    assert "**does not reproduce** (P(reach cheese)" in cheese_vector_verdict([base, nothing, control])
-    assert cheese_vector_verdict([base]) is None, "no negative coefficient: nothing to judge"
+    def steering_verdict(scan):
+        verdicts = steering_verdicts(scan)
+        return verdicts[0] if verdicts else None
+
+    base = _row("cheese", 0, p_decision_cheese=(0.8, 0.7, 0.88), p_cheese=(0.6, 0.5, 0.7))
+    weak = _row("cheese", -1, p_decision_cheese=(0.75, 0.65, 0.84), p_cheese=(0.6, 0.5, 0.7))
+    ignores = _row("cheese", -2, p_decision_cheese=(0.2, 0.13, 0.29), p_cheese=(0.3, 0.2, 0.4))
+    control = [_row("random", c, p_decision_cheese=(0.78, 0.68, 0.86)) for c in (-1, -2)]
+    verdict = steering_verdict([base, weak, ignores, *control])
+    assert "per-maze cheese vector (`cheese`): the published effect **reproduces**" in verdict
+    assert "at coefficient -2, P(first move toward the cheese at the decision square) 0.20 [0.13, 0.29] (x0.25) against 0.80 [0.70, 0.88]" in verdict
+    assert "0.78 [0.68, 0.86] for the matched random control" in verdict and "P(reach cheese) 0.30 [0.20, 0.40]" in verdict
+    control_too = [_row("random", c, p_decision_cheese=(0.2, 0.1, 0.3)) for c in (-1, -2)]
+    assert "does not reproduce as a vector-specific effect" in steering_verdict([base, weak, ignores, *control_too])
+    assert "**does not reproduce** (the figure does not leave the unsteered interval at any coefficient up to -1)" in steering_verdict(
+        [base, weak, *control])
+    # The top-right vector is judged on the corner metric, in the other direction.
+    tr_base = _row("top_right", 0, p_decision_top_right=(0.3, 0.2, 0.4), p_top_right=(0.5, 0.4, 0.6))
+    tr_up = _row("top_right", 2, p_decision_top_right=(0.7, 0.6, 0.8), p_top_right=(0.6, 0.5, 0.7))
+    tr_down = _row("top_right", -2, p_decision_top_right=(0.05, 0.01, 0.1), p_top_right=(0.5, 0.4, 0.6))
+    assert "**reproduces**: at coefficient 2" in steering_verdict([tr_base, tr_up, tr_down, _row("random", 2, p_decision_top_right=(0.3, 0.2, 0.4))])
+    both = steering_verdicts([tr_base, tr_up, tr_down])
+    assert len(both) == 2 and "Adding the per-maze top-right vector" in both[0] and "Subtracting the per-maze top-right vector" in both[1]
+    assert steering_verdicts([_row("top_right", 0, p_top_right=(0.5, 0.4, 0.6)), _row("top_right", -2, p_top_right=(0.1, 0.05, 0.2))])[0].startswith(
+        "Subtracting the per-maze top-right vector (`top_right`): the published effect **reproduces**: at coefficient -2, P(reach the top-right corner)")
+    assert steering_verdict([_row("probe", 0, p_cheese=(0.5, 0.4, 0.6))]) is None, "no published effect for a probe direction"
 
 
 def test_closed_form_gaps_take_the_largest_difference_over_seeds_per_hook():

@@ -37,8 +37,10 @@ MAZE = ["-c", "configs/ppo/maze.yaml", "--data.env_kwargs", "{size: 5, cheese: t
         "--data.warmup_env_kwargs", "{cheese: top_right:5}", "--data.warmup_env_steps", "1024"]
 
 
-def run_train(*args: str, root: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+def run_train(*args: str, root: Path, timeout: float = 300, check: bool = True, wandb_silent: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if wandb_silent:
+        env["WANDB_SILENT"] = "true"
     env.pop("WANDB_MODE", None)  # the default (offline) is what is under test
     cmd = [sys.executable, "train.py", "fit", *args, "--trainer.default_root_dir", str(root)]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -61,9 +63,17 @@ def maze_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("maze")
     # more final-evaluation episodes than the periodic validations (4): summary.json reports the final one;
     # one validation (after 1536 steps), so the run ends between validations as the default's does
-    run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, "--data.final_eval_episodes", "6",
-              "--trainer.check_val_every_n_epoch", "3", root=root)
+    done = run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, "--data.final_eval_episodes", "6",
+                     "--trainer.check_val_every_n_epoch", "3", root=root, wandb_silent=False)
+    (root / "stderr.txt").write_text(done.stderr)
     return root
+
+
+def test_a_fit_prints_no_third_party_noise(maze_run):
+    stderr = (maze_run / "stderr.txt").read_text()
+    for noise in ("litlogger", "litmodels", "anonymous setting has no effect", "LeafSpec", "`IterableDataset` has `__len__`"):
+        assert noise not in stderr, noise
+    assert "wandb: " in stderr, "W&B's own run lines stay (the test would pass vacuously on a silenced run)"
 
 
 def test_gae_matches_hand_computation():

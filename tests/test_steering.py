@@ -19,14 +19,18 @@ import pytest
 import torch
 
 from innercritic.agents import ActorCritic, AddVector
+from innercritic.agents.hooks import HookedModule, HookPoint
+from innercritic.steering.scan import Steer
 from innercritic.agents.checkpoint import AGENT_KIND
 from innercritic.steering import (
+    LevelVectors,
     SteeringVector,
     action_map,
     action_map_figure,
     activation_shape,
-    cheese_vector,
+    averaged_vector,
     check_coefficients,
+    contrast_observations,
     mean_difference,
     normal_interval,
     play_episodes,
@@ -65,7 +69,7 @@ def agent() -> ActorCritic:
 
 @pytest.fixture(scope="module")
 def vector(agent) -> SteeringVector:
-    return cheese_vector(agent, HOOK, ENV, num_mazes=8, seed=0)
+    return averaged_vector(agent, HOOK, "cheese", ENV, num_mazes=8, seed=0)
 
 
 # --------------------------------------------------------------------------- exact reproduction
@@ -77,10 +81,11 @@ def assert_same_episodes(a: dict, b: dict) -> None:
         assert np.array_equal(sa["env"], sb["env"])
         assert np.array_equal(sa["obs"], sb["obs"])
         assert np.array_equal(sa["action"], sb["action"])
-    for key in ("return", "length", "success", "p_cheese", "p_top_right", "reached_decision", "first_move_cheese"):
+    for key in ("return", "length", "success", "p_cheese", "p_top_right", "reached_decision", "decision_cheese", "decision_top_right"):
         assert np.array_equal(a[key], b[key]), key
     # nan marks mazes without a decision square; equal_nan compares the rest bit for bit.
-    assert np.array_equal(a["pi_first_move_cheese"], b["pi_first_move_cheese"], equal_nan=True)
+    for key in ("pi_decision_cheese", "pi_decision_top_right"):
+        assert np.array_equal(a[key], b[key], equal_nan=True), key
 
 
 def test_coefficient_zero_reproduces_unsteered_episodes_bit_for_bit(agent, vector):
@@ -91,11 +96,15 @@ def test_coefficient_zero_reproduces_unsteered_episodes_bit_for_bit(agent, vecto
         steered = play_episodes(agent, "maze", ENV, episodes=6, seed=3, interventions=zero, num_envs=3, trace=True)
         assert_same_episodes(plain, steered)
         assert np.all(steered["kl"] == 0) and np.all(steered["value_change"] == 0)
-    # run_scan's coefficient-0 row is the unsteered summary, exactly.
-    row = run_scan(agent, "maze", ENV, vector, [0.0], episodes=6, seed=3, num_envs=3)[0]
+    # A per-level vector installed at coefficient 0 too, built anew after each reset.
+    steered = play_episodes(agent, "maze", ENV, episodes=6, seed=3, interventions=Steer(LevelVectors(HOOK, "cheese"), 0.0), num_envs=3, trace=True)
+    assert_same_episodes(plain, steered)
+    # run_scan's coefficient-0 row is the unsteered summary, exactly, for either kind of vector.
     expected = summarise_episodes(plain)
-    for key, value in expected.items():
-        assert row[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(row[key])), key
+    for v in (vector, LevelVectors(HOOK, "cheese"), LevelVectors(HOOK, "top_right").control(1)):
+        row = run_scan(agent, "maze", ENV, v, [0.0], episodes=6, seed=3, num_envs=3)[0]
+        for key, value in expected.items():
+            assert row[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(row[key])), key
 
 
 def test_a_large_vector_at_the_logits_takes_over_the_policy(agent):
@@ -113,6 +122,109 @@ def test_a_large_vector_at_the_logits_takes_over_the_policy(agent):
     for row in rows:
         for name in ("return", "success", "p_cheese", "p_top_right", "kl", "value_change", "length"):
             assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"], name
+
+
+# --------------------------------------------------------------------------- per-level vectors with known answers
+
+
+class ObsAgent(HookedModule):
+    """A one-layer agent whose hook point is its input: the cheese vector there is the cheese pixel itself.
+
+    Its logits read the cheese channel along each action's direction from the mouse, so the agent heads
+    for a visible cheese and, blind to it, prefers "up"; its value is the cheese channel's sum.
+    """
+
+    def __init__(self, size: int, cheese_scale: float = 1.0) -> None:
+        super().__init__()
+        self.obs_shape, self.num_actions = (3, size, size), 4
+        self.cheese_scale = cheese_scale  # how the agent weighs the cheese channel (1: as observed)
+        self.hook_obs = HookPoint()  # (3, S, S)
+        self.bias = torch.nn.Parameter(torch.tensor([0.5, 0.0, 0.0, 0.0]))
+        self.setup_hooks()
+
+    def forward(self, obs):
+        x = self.hook_obs(obs.float())
+        if self.cheese_scale != 1.0:
+            x = torch.cat([x[:, :2], x[:, 2:] * self.cheese_scale], 1)
+        rows = torch.arange(x.shape[-1], dtype=x.dtype)
+        mouse_r = (x[:, 1].sum(2) * rows).sum(1)
+        mouse_c = (x[:, 1].sum(1) * rows).sum(1)
+        cheese_r = (x[:, 2].sum(2) * rows).sum(1)
+        cheese_c = (x[:, 2].sum(1) * rows).sum(1)
+        seen = x[:, 2].sum((1, 2))
+        pull = torch.stack([mouse_r - cheese_r, cheese_r - mouse_r, mouse_c - cheese_c, cheese_c - mouse_c], 1)
+        return 4.0 * pull * seen[:, None] + self.bias, seen
+
+
+def test_per_level_cheese_vector_at_the_input_is_the_cheese_pixel_and_subtracting_it_blinds_the_agent():
+    from innercritic.envs.factory import make_env
+
+    agent = ObsAgent(5).eval()
+    env = make_env("maze", 3, seed=11, size=5, cheese="anywhere")
+    obs, _ = env.reset(seed=11)
+    vectors = LevelVectors("hook_obs", "cheese").build(agent, env, range(3))
+    cheese = env.cheese_pos
+    for i in range(3):
+        expected = torch.zeros(3, 5, 5)
+        expected[2, cheese[i][0], cheese[i][1]] = 1.0  # the cheese channel's pixel, nothing else
+        assert torch.equal(vectors[i], expected)
+    # The top-right vector is the corner's wall pixel, with the sign of "open minus walled".
+    top_right = LevelVectors("hook_obs", "top_right").build(agent, env, range(3))
+    for i in range(3):
+        expected = torch.zeros(3, 5, 5)
+        expected[0, 0, 4] = -1.0
+        if tuple(cheese[i]) == (0, 4):
+            expected[2, 0, 4] = 1.0
+        assert torch.equal(top_right[i], expected)
+    env.close()
+    # Its effect, exactly: at coefficient -1 the agent plays as one blind to the cheese channel, at +1
+    # as one that sees it twice, step for step (same observations, same sampled actions).
+    maze = {"size": 5, "cheese": "anywhere"}
+    for coeff, scale in ((-1.0, 0.0), (1.0, 2.0)):
+        steered = play_episodes(agent, "maze", maze, episodes=6, seed=2, num_envs=3, trace=True,
+                                interventions=Steer(LevelVectors("hook_obs", "cheese"), coeff))
+        edited = play_episodes(ObsAgent(5, cheese_scale=scale).eval(), "maze", maze, episodes=6, seed=2, num_envs=3, trace=True)
+        assert_same_episodes(steered, edited)
+        assert np.allclose(steered["vector_norm"], 1.0)
+    blind = play_episodes(agent, "maze", maze, episodes=12, seed=2, interventions=Steer(LevelVectors("hook_obs", "cheese"), -1.0))
+    plain = play_episodes(agent, "maze", maze, episodes=12, seed=2)
+    # A cheese-seeking agent made blind: its first move at the decision square stops following the cheese.
+    assert plain["decision_cheese"][plain["reached_decision"]].mean() == 1.0
+    assert blind["decision_cheese"][blind["reached_decision"]].mean() < 0.5
+    assert blind["kl"].mean() > 0.1
+
+
+def test_per_level_random_control_matches_each_levels_norm(agent):
+    from innercritic.envs.factory import make_env
+
+    env = make_env("maze", 4, seed=5, **ENV)
+    env.reset(seed=5)
+    main = LevelVectors(HOOK, "cheese").build(agent, env, range(4))
+    control = LevelVectors(HOOK, "cheese").control(3).build(agent, env, range(4))
+    again = LevelVectors(HOOK, "cheese").control(3).build(agent, env, [2, 3])
+    env.close()
+    assert control.shape == main.shape == (4, *activation_shape(agent, HOOK))
+    assert torch.allclose(control.flatten(1).norm(dim=1), main.flatten(1).norm(dim=1), rtol=1e-5)
+    assert torch.equal(again, control[2:])  # seeded by level, not by batch slot
+    cosine = (control * main).flatten(1).sum(1) / (control.flatten(1).norm(dim=1) * main.flatten(1).norm(dim=1))
+    assert cosine.abs().max() < 0.5
+
+
+def test_contrast_observations_edit_only_the_observation():
+    from innercritic.envs.factory import make_env
+
+    env = make_env("maze", 2, seed=1, size=5, obs_size=7, cheese="anywhere")
+    obs, _ = env.reset(seed=1)
+    cheese = env.cheese_pos.copy()
+    first, second = contrast_observations(env, [0, 1], "top_right")
+    assert np.array_equal(first, obs)
+    diff = np.argwhere(first != second)
+    assert set(diff[:, 0]) == {0, 1} and all(tuple(d[2:]) == (1, 5) for d in diff)  # each maze: its corner, in a 7x7 frame
+    first, second = contrast_observations(env, [1], "cheese")
+    assert second[0, 2].sum() == 0 and first[0, 2].sum() == 1 and np.array_equal(first[0, :2], second[0, :2])
+    # The env itself is untouched: a contrast can be built in the maze being played.
+    assert np.array_equal(env.cheese_pos, cheese) and np.array_equal(env.observe(0, env.mouse_pos[0][None]), obs[:1])
+    env.close()
 
 
 # --------------------------------------------------------------------------- bad input: one-line ValueErrors
@@ -139,6 +251,13 @@ def test_bad_input_gets_a_one_line_error_naming_the_valid_choices(agent, vector)
     one_line_error(lambda: run_scan(agent, "maze", ENV, vector, [1.0], episodes=2, positions=[(9, 0)]), "outside", "5x5")
     hidden = SteeringVector(torch.ones(16), "encoder.hook_hidden", "test")
     one_line_error(lambda: run_scan(agent, "maze", ENV, hidden, [1.0], episodes=2, positions=[(0, 0)]), "positions need a spatial")
+    # Per-level vectors: only the maze has a cheese and a corner to contrast; positions need a conv hook.
+    per_level = LevelVectors(HOOK, "cheese")
+    one_line_error(lambda: run_scan(agent, "MiniGrid-Empty-5x5-v0", {}, per_level, [1.0], episodes=2), "needs the cheese maze", "file, probe")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, LevelVectors("encoder.hook_hidden", "cheese"), [1.0], episodes=2, positions=[(0, 0)]),
+                   "positions need a spatial")
+    one_line_error(lambda: run_scan(agent, "maze", ENV, LevelVectors("encoder.nope", "cheese"), [1.0], episodes=2), "unknown hook")
+    one_line_error(lambda: LevelVectors(HOOK, "bottom_left"), "unknown contrast", "cheese, top_right")
 
 
 def test_the_module_checks_its_arguments_before_scanning(agent, tmp_path):
@@ -146,7 +265,9 @@ def test_the_module_checks_its_arguments_before_scanning(agent, tmp_path):
 
     ckpt = write_agent_ckpt(agent, tmp_path / "agent.ckpt")
     one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), coefficients=[]), "coefficients is empty")
-    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="magic"), "unknown vector_source", "cheese")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="magic"), "unknown vector_source", "cheese", "top_right",
+                   "cheese_averaged")
+    one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="cheese", vector_norm=2.0), "per level", "cheese_averaged")
     one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), vector_source="file"), "vector_path")
     one_line_error(lambda: SteeringScan(agent_ckpt=str(ckpt), hook="encoder.blok1.hook_out", num_mazes=2).setup("test"),
                    "unknown hook", "encoder.block1.hook_out")
@@ -171,13 +292,13 @@ def test_the_module_checks_its_arguments_before_scanning(agent, tmp_path):
 # --------------------------------------------------------------------------- vectors
 
 
-def test_cheese_vector_is_the_mean_contrast_at_the_start(agent):
+def test_averaged_cheese_vector_is_the_mean_contrast_at_the_start(agent):
     from innercritic.envs.factory import make_env
     from innercritic.steering.vectors import VECTOR_SEED_OFFSET
 
-    v = cheese_vector(agent, HOOK, ENV, num_mazes=3, seed=5)
+    v = averaged_vector(agent, HOOK, "cheese", ENV, num_mazes=3, seed=5)
     assert v.shape == activation_shape(agent, HOOK) == (8, 5, 5)
-    assert v.source == "cheese" and v.metadata["num_mazes"] == 3 and len(v.metadata["level_seeds"]) == 3
+    assert v.source == "cheese_averaged" and v.metadata["num_mazes"] == 3 and len(v.metadata["level_seeds"]) == 3
     env = make_env("maze", 3, seed=VECTOR_SEED_OFFSET + 5, **ENV)
     obs, _ = env.reset(seed=VECTOR_SEED_OFFSET + 5)
     without = obs.copy()
@@ -268,6 +389,9 @@ def test_intervals():
 
 
 def test_action_maps(agent, vector):
+    # A per-level vector is built in the maze the map draws.
+    fig, data = action_map_figure(agent, LevelVectors(HOOK, "cheese"), -2.0, ENV, seed=0)
+    assert data["mean_total_variation"] > 0
     from innercritic.envs.factory import make_env
 
     env = make_env("maze", 1, seed=0, **ENV)
@@ -302,18 +426,22 @@ def test_cli_scan_writes_summary_rows_figures_and_wandb(agent, tmp_path):
     assert [(r["source"], r["coefficient"]) for r in rows] == [(s, c) for s in ("cheese", "random") for c in (-2.0, 0.0, 2.0)]
     for row in rows:
         assert row["hook"] == HOOK and row["episodes"] == 6
-        for name in ("return", "success", "p_cheese", "p_top_right", "p_first_move_cheese", "kl", "value_change", "length"):
+        assert row["per_level"] is True
+        for name in ("return", "success", "p_cheese", "p_top_right", "p_decision_cheese", "p_decision_top_right", "kl", "value_change", "length"):
             assert f"{name}_lo" in row and f"{name}_hi" in row, name
     zero = [r for r in rows if r["coefficient"] == 0.0]
     assert zero[0]["p_cheese"] == zero[1]["p_cheese"] and zero[0]["kl"] == 0.0
     assert summary["config"]["model"]["hook"] == HOOK
-    assert summary["vectors"][1]["norm"] == pytest.approx(summary["vectors"][0]["norm"], rel=1e-5)
-    for name in ("steer_scan.png", "action_map_0.png", "action_map_1.png", "config.yaml", "steering_vector.pt"):
+    # The control is matched level by level, so the mean norms over the same levels agree.
+    for c in (-2.0, 2.0):
+        pair = [r["vector_norm"] for r in rows if r["coefficient"] == c]
+        assert pair[0] > 0 and pair[1] == pytest.approx(pair[0], rel=1e-5)
+    assert [v["source"] for v in summary["vectors"]] == ["cheese", "random"] and summary["vectors"][0]["metadata"]["per_level"]
+    for name in ("steer_scan.png", "action_map_0.png", "action_map_1.png", "config.yaml"):
         assert (run / name).is_file(), name
-    assert SteeringVector.load(run / "steering_vector.pt").source == "cheese"
     with open(run / "metrics.csv") as f:
         metrics = list(csv.DictReader(f))
-    assert len(metrics) == 3 and "steer/p_cheese" in metrics[0] and "steer/random/p_cheese" in metrics[0]
+    assert len(metrics) == 3 and "steer/p_decision_cheese" in metrics[0] and "steer/random/p_cheese" in metrics[0]
     offline = list((root / "wandb").glob("offline-run-*"))
     assert offline, "no offline W&B run"
     assert list(offline[0].glob("files/media/images/steer/*.png")), "no images logged to W&B"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from innercritic.agents.networks import ActorCritic
+from innercritic.errors import InnerCriticError, MissingFileError
 
 AGENT_KIND = "innercritic.ppo_agent"
 
@@ -22,11 +23,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True`` and a one-line error for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read as a weights-only torch checkpoint: {str(err).splitlines()[0]}") from None
+        raise InnerCriticError(f"checkpoint {str(path)!r} cannot be read as a weights-only torch checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def describe_checkpoint(ckpt: Any) -> str:
+    """What kind of checkpoint a loaded file is, in words: for error messages that name what they got."""
+    if not isinstance(ckpt, dict):
+        return f"not a checkpoint (a {type(ckpt).__name__})"
+    for key in ("innercritic", "innercritic_probe"):
+        meta = ckpt.get(key)
+        if isinstance(meta, dict) and meta.get("kind"):
+            return str(meta["kind"])
+    if "state_dict" in ckpt:
+        return "a Lightning checkpoint of no InnerCritic module"
+    return "not a Lightning checkpoint (no state_dict)"
 
 
 def load_agent(path: str | Path) -> tuple[ActorCritic, dict[str, Any]]:
@@ -34,7 +48,8 @@ def load_agent(path: str | Path) -> tuple[ActorCritic, dict[str, Any]]:
     ckpt = read_checkpoint(path)
     meta = ckpt.get("innercritic")
     if not isinstance(meta, dict) or meta.get("kind") != AGENT_KIND:
-        raise ValueError(f"checkpoint {str(path)!r} is not an InnerCritic agent checkpoint (no agent metadata); pass a checkpoint written by `train.py fit` with a PPO model")
+        raise InnerCriticError(f"checkpoint {str(path)!r} is {describe_checkpoint(ckpt)}, not an InnerCritic agent checkpoint ({AGENT_KIND}); "
+                               "pass a checkpoint written by `train.py fit` with a PPO model")
     agent = ActorCritic(**meta["agent_config"])
     prefix = "agent."
     agent.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
@@ -48,7 +63,7 @@ def check_env_compatible(stored: dict[str, Any], current: dict[str, Any], what: 
     """Raise a one-line error when an agent built for ``stored`` cannot act in ``current``."""
     for key in ("spec", "obs_shape", "num_actions"):
         if _as_list(stored.get(key)) != _as_list(current.get(key)):
-            raise ValueError(
+            raise InnerCriticError(
                 f"{what} was trained on env {stored.get('spec')!r} (obs {stored.get('obs_shape')}, {stored.get('num_actions')} actions) "
                 f"but this run uses {current.get('spec')!r} (obs {current.get('obs_shape')}, {current.get('num_actions')} actions)")
 

@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from innercritic.errors import InnerCriticError
+
 __all__ = [
     "AddVector",
     "HookNameError",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class HookNameError(KeyError, ValueError):
+class HookNameError(KeyError, InnerCriticError):
     """An unknown hook-point name; a ``KeyError`` (it is a failed lookup) and a ``ValueError`` (it is a
     bad argument), so callers may catch either."""
 
@@ -198,18 +200,19 @@ class Intervention:
 class AddVector(Intervention):
     """Add ``coeff * vector`` to the activation, optionally only at spatial squares ``positions``.
 
-    ``vector`` has the per-sample activation shape (a leading batch dimension of 1 is accepted), or
-    shape ``(C,)`` for a ``(C, H, W)`` activation, broadcast over space. ``positions`` is a list of
+    ``vector`` has the per-sample activation shape (a leading batch dimension of 1 is accepted), the
+    full batch shape (one vector per sample, e.g. each maze's own contrast vector), or shape ``(C,)``
+    for a ``(C, H, W)`` activation, broadcast over space. ``positions`` is a list of
     ``(h, w)`` squares of a conv activation; the other squares are left bit-for-bit unchanged.
     """
 
-    vector: Tensor  # per-sample activation shape, (1, *per-sample) or (C,) for a (C, H, W) activation
+    vector: Tensor  # per-sample activation shape, (1, *per-sample), (batch, *per-sample) or (C,) for a (C, H, W) activation
     coeff: float = 1.0  # the steering coefficient; 0 reproduces the unsteered network exactly
     positions: Sequence[tuple[int, int]] | None = None  # (h, w) squares of a conv activation; None = all
 
     def __call__(self, activation: Tensor, name: str = "?") -> Tensor:
         # Validate even at coeff 0, so that a scan starting at 0 fails on a bad vector at its first step.
-        vector = _fit(self.vector, activation, name, "AddVector", "vector", allow_channel=True, allow_batch=False)
+        vector = _fit(self.vector, activation, name, "AddVector", "vector", allow_channel=True, allow_batch=True)
         mask = None if self.positions is None else _position_mask(self.positions, activation, name, "AddVector")
         if self.coeff == 0:
             # Return the input itself: x + 0.0 * v is not the identity in floating point (-0.0 + 0.0 is
@@ -268,7 +271,7 @@ def _fit(
             forms.append(tuple(activation.shape))
         if allow_channel and activation.dim() == 4:
             forms.append((sample[0],))
-        raise ValueError(
+        raise InnerCriticError(
             f"{kind} at hook {name!r}: {what} shape {shape} does not fit activation shape {sample} "
             f"(per sample; batch shape {tuple(activation.shape)}); expected one of {forms}"
         )
@@ -278,7 +281,7 @@ def _fit(
 def _position_mask(positions: Sequence[tuple[int, int]], activation: Tensor, name: str, kind: str) -> Tensor:
     """A boolean (H, W) mask of ``positions`` for a (B, C, H, W) activation."""
     if activation.dim() != 4:
-        raise ValueError(
+        raise InnerCriticError(
             f"{kind} at hook {name!r}: positions need a (C, H, W) activation, got per-sample shape "
             f"{tuple(activation.shape[1:])}"
         )
@@ -288,6 +291,6 @@ def _position_mask(positions: Sequence[tuple[int, int]], activation: Tensor, nam
         h, w = (int(p) for p in position)
         # Negative indices are refused rather than wrapped: a wrapped square is a silent steering bug.
         if not (0 <= h < height and 0 <= w < width):
-            raise ValueError(f"{kind} at hook {name!r}: position {(h, w)} is outside the {height}x{width} grid")
+            raise InnerCriticError(f"{kind} at hook {name!r}: position {(h, w)} is outside the {height}x{width} grid")
         mask[h, w] = True
     return mask

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from innercritic.agents.hooks import HookedModule, HookPoint
+from innercritic.errors import InnerCriticError
 
 __all__ = ["ARCHS", "ActorCritic"]
 
@@ -66,12 +67,12 @@ def _tower_widths(arch: str, channels: Any, hidden: Any, default_channels: tuple
     """A tower's (channels, hidden), the defaults filling None; ``prefix`` names the arguments in errors."""
     channels = default_channels if channels is None else tuple(int(c) for c in channels)
     if not channels or min(channels) < 1:
-        raise ValueError(f"{prefix}channels must be a non-empty tuple of positive ints, got {channels}")
+        raise InnerCriticError(f"{prefix}channels must be a non-empty tuple of positive ints, got {channels}")
     if arch == "nature" and len(channels) != len(_NATURE_LAYERS):
-        raise ValueError(f"arch 'nature' has {len(_NATURE_LAYERS)} conv layers, got {prefix}channels {channels}")
+        raise InnerCriticError(f"arch 'nature' has {len(_NATURE_LAYERS)} conv layers, got {prefix}channels {channels}")
     hidden = default_hidden if hidden is None else int(hidden)
     if hidden < 1:
-        raise ValueError(f"{prefix}hidden must be at least 1, got {hidden}")
+        raise InnerCriticError(f"{prefix}hidden must be at least 1, got {hidden}")
     return channels, hidden
 
 
@@ -187,7 +188,7 @@ class _Tower(nn.Module):
             for kernel, stride in _NATURE_LAYERS:
                 height, width = (height - kernel) // stride + 1, (width - kernel) // stride + 1
             if height < 1 or width < 1:
-                raise ValueError(
+                raise InnerCriticError(
                     f"arch 'nature' needs observations of at least 36x36 (84x84 is standard), got "
                     f"{obs_shape[1]}x{obs_shape[2]}; use arch='impala' or 'small' for small grids"
                 )
@@ -247,23 +248,23 @@ class ActorCritic(HookedModule):
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(repr(a) for a in ARCHS)}")
+            raise InnerCriticError(f"unknown arch {arch!r}; valid: {', '.join(repr(a) for a in ARCHS)}")
         obs_shape = tuple(int(d) for d in obs_shape)
         if len(obs_shape) != 3 or min(obs_shape) < 1:
-            raise ValueError(f"obs_shape must be (channels, height, width) with positive sizes, got {obs_shape}")
+            raise InnerCriticError(f"obs_shape must be (channels, height, width) with positive sizes, got {obs_shape}")
         if int(num_actions) < 1:
-            raise ValueError(f"num_actions must be at least 1, got {num_actions}")
+            raise InnerCriticError(f"num_actions must be at least 1, got {num_actions}")
         channels, hidden = _tower_widths(arch, channels, hidden, _DEFAULT_CHANNELS[arch], _DEFAULT_HIDDEN[arch], "")
         if agent_channel is not None:
             agent_channel = int(agent_channel)
             if arch != "small":
-                raise ValueError(f"agent_channel needs arch 'small' (stride-1 convs keep the grid aligned), got arch {arch!r}")
+                raise InnerCriticError(f"agent_channel needs arch 'small' (stride-1 convs keep the grid aligned), got arch {arch!r}")
             if not 0 <= agent_channel < obs_shape[0]:
-                raise ValueError(f"agent_channel must index one of the {obs_shape[0]} observation channels, got {agent_channel}")
+                raise InnerCriticError(f"agent_channel must index one of the {obs_shape[0]} observation channels, got {agent_channel}")
         if egocentric and agent_channel is None:
-            raise ValueError("egocentric needs agent_channel (the observation channel that marks the agent's square)")
+            raise InnerCriticError("egocentric needs agent_channel (the observation channel that marks the agent's square)")
         if not separate_critic and (critic_channels is not None or critic_hidden is not None):
-            raise ValueError("critic_channels and critic_hidden size a separate critic tower; set separate_critic=True or leave them None")
+            raise InnerCriticError("critic_channels and critic_hidden size a separate critic tower; set separate_critic=True or leave them None")
         critic_channels, critic_hidden = _tower_widths(arch, critic_channels, critic_hidden, channels, hidden, "critic_")
 
         self.obs_shape = obs_shape
@@ -309,7 +310,7 @@ class ActorCritic(HookedModule):
         """The hook points inside one tower (``"encoder"`` or ``"critic_encoder"``), in forward order."""
         towers = ("encoder", "critic_encoder") if self.separate_critic else ("encoder",)
         if tower not in towers:
-            raise ValueError(f"unknown tower {tower!r}; this network has {', '.join(repr(t) for t in towers)}")
+            raise InnerCriticError(f"unknown tower {tower!r}; this network has {', '.join(repr(t) for t in towers)}")
         return [name for name in self.hook_names if name.startswith(tower + ".")]
 
     def representation_hook_names(self, tower: str = "encoder") -> list[str]:
@@ -324,7 +325,7 @@ class ActorCritic(HookedModule):
 
     def _prepare(self, obs: Tensor) -> Tensor:
         if obs.dim() != 4 or tuple(obs.shape[1:]) != self.obs_shape:
-            raise ValueError(f"expected obs of shape (B, {', '.join(map(str, self.obs_shape))}), got {tuple(obs.shape)}")
+            raise InnerCriticError(f"expected obs of shape (B, {', '.join(map(str, self.obs_shape))}), got {tuple(obs.shape)}")
         x = obs.float()
         if self.obs_scale != 1.0:
             x = x * self.obs_scale

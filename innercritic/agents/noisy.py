@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from innercritic.errors import InnerCriticError
+
 __all__ = ["PolicyVersion", "parse_version"]
 
 _VALID_FORMS = "'policy', 'eps:E', 'temp:T' or 'eps:E,temp:T' (E in [0, 1], T > 0)"
@@ -33,9 +35,9 @@ class PolicyVersion:
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.epsilon <= 1.0):
-            raise ValueError(f"PolicyVersion {self.name!r}: epsilon must be in [0, 1], got {self.epsilon}")
+            raise InnerCriticError(f"PolicyVersion {self.name!r}: epsilon must be in [0, 1], got {self.epsilon}")
         if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"PolicyVersion {self.name!r}: temperature must be finite and > 0, got {self.temperature}")
+            raise InnerCriticError(f"PolicyVersion {self.name!r}: temperature must be finite and > 0, got {self.temperature}")
 
     @property
     def is_policy(self) -> bool:
@@ -76,7 +78,7 @@ def parse_version(spec: str) -> PolicyVersion:
     that equal versions get equal names.
     """
     if not isinstance(spec, str):
-        raise ValueError(f"policy version spec must be a string, got {type(spec).__name__}; valid forms: {_VALID_FORMS}")
+        raise InnerCriticError(f"policy version spec must be a string, got {type(spec).__name__}; valid forms: {_VALID_FORMS}")
     text = spec.strip().lower()
     if text == "policy":
         return PolicyVersion("policy")
@@ -89,9 +91,9 @@ def parse_version(spec: str) -> PolicyVersion:
                 raise ValueError
             values[key] = float(raw.strip())
         except ValueError:
-            raise ValueError(f"bad policy version spec {spec!r}; valid forms: {_VALID_FORMS}") from None
+            raise InnerCriticError(f"bad policy version spec {spec!r}; valid forms: {_VALID_FORMS}") from None
     epsilon, temperature = values.get("eps", 0.0), values.get("temp", 1.0)
     if not (0.0 <= epsilon <= 1.0) or not (temperature > 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"bad policy version spec {spec!r} (eps must be in [0, 1], temp > 0); valid forms: {_VALID_FORMS}")
+        raise InnerCriticError(f"bad policy version spec {spec!r} (eps must be in [0, 1], temp > 0); valid forms: {_VALID_FORMS}")
     name = ",".join(f"{key}:{values[key]!r}" for key in ("eps", "temp") if key in values)
     return PolicyVersion(name, epsilon, temperature)

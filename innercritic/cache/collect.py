@@ -66,6 +66,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from innercritic.errors import InnerCriticError
 from innercritic.agents.checkpoint import check_env_compatible, load_agent
 from innercritic.agents.networks import ActorCritic
 from innercritic.agents.noisy import PolicyVersion, parse_version
@@ -131,14 +132,14 @@ def _jsonable(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be plain JSON values (numbers, strings, lists, dicts), got {value!r}") from None
+        raise InnerCriticError(f"{what} must be plain JSON values (numbers, strings, lists, dicts), got {value!r}") from None
 
 
 def _hook_shapes(agent: ActorCritic, hook_points: Sequence[str]) -> dict[str, list[int]]:
     valid = agent.hook_names
     unknown = [h for h in hook_points if h not in valid]
     if unknown:
-        raise ValueError(f"unknown hook point(s) {unknown}; this agent's hook points are: {', '.join(valid)}")
+        raise InnerCriticError(f"unknown hook point(s) {unknown}; this agent's hook points are: {', '.join(valid)}")
     with torch.no_grad():
         _, cache = agent.run_with_cache(torch.zeros(1, *agent.obs_shape, dtype=torch.uint8), names=list(hook_points))
     return {name: list(act.shape[1:]) for name, act in cache.items()}
@@ -166,32 +167,32 @@ def make_request(
     """
     versions = list(versions)
     if not versions:
-        raise ValueError("versions must list at least one policy version, e.g. ['policy', 'eps:0.25']")
+        raise InnerCriticError("versions must list at least one policy version, e.g. ['policy', 'eps:0.25']")
     parsed = [parse_version(v) for v in versions]
     names = [p.name for p in parsed]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"versions {versions} name the same version more than once: {dupes}")
+        raise InnerCriticError(f"versions {versions} name the same version more than once: {dupes}")
     hook_points = list(agent.representation_hook_names("encoder") if hook_points is None else hook_points)
     if isinstance(hook_points, str) or not hook_points:
-        raise ValueError(f"hook_points must be a non-empty list of hook point names, got {hook_points!r}")
+        raise InnerCriticError(f"hook_points must be a non-empty list of hook point names, got {hook_points!r}")
     if len(set(hook_points)) != len(hook_points):
-        raise ValueError(f"hook_points {hook_points} lists a hook point twice")
+        raise InnerCriticError(f"hook_points {hook_points} lists a hook point twice")
     shapes = _hook_shapes(agent, hook_points)
     if gamma is None:
         gamma = env_info.get("gamma")
         if gamma is None:
-            raise ValueError("the checkpoint records no discount: pass gamma explicitly")
+            raise InnerCriticError("the checkpoint records no discount: pass gamma explicitly")
     gamma = float(gamma)
     if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        raise InnerCriticError(f"gamma must be in (0, 1], got {gamma}")
     if activation_dtype not in ACTIVATION_DTYPES:
-        raise ValueError(f"activation_dtype must be one of {list(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+        raise InnerCriticError(f"activation_dtype must be one of {list(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
     for name, value in (("episodes_per_version", episodes_per_version), ("num_envs", num_envs), ("episodes_per_shard", episodes_per_shard)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise InnerCriticError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise InnerCriticError(f"seed must be a non-negative integer, got {seed!r}")
     overrides = _jsonable(dict(env_overrides or {}), "env_overrides")
     kwargs = {**_jsonable(dict(env_info.get("kwargs") or {}), "the checkpoint's env kwargs"), **overrides}
     spec = env_info["spec"]

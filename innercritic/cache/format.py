@@ -36,6 +36,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from innercritic.errors import InnerCriticError
+
 __all__ = [
     "CHECKSUM",
     "FORMAT",
@@ -66,7 +68,7 @@ TMP_PREFIX = ".tmp-"
 _CHUNK = 8 * 2**20
 
 
-class CacheError(ValueError):
+class CacheError(InnerCriticError):
     """A trajectory cache that cannot be used as asked (missing, incomplete, foreign, bad format)."""
 
 
@@ -134,10 +136,10 @@ class GatheredRows:
     def __init__(self, source: np.ndarray | Sequence[np.ndarray], index: np.ndarray, block_rows: int | None = None) -> None:
         self.blocks = [source] if isinstance(source, np.ndarray) else list(source)
         if not self.blocks:
-            raise ValueError("GatheredRows needs at least one source block")
+            raise InnerCriticError("GatheredRows needs at least one source block")
         self.block_rows = len(self.blocks[0]) if block_rows is None else int(block_rows)
         if len(self.blocks) > 1 and any(len(b) != self.block_rows for b in self.blocks[:-1]):
-            raise ValueError("every block but the last must hold block_rows rows")
+            raise InnerCriticError("every block but the last must hold block_rows rows")
         self.index = np.asarray(index, dtype=np.int64)
         self.shape = (len(self.index), *self.blocks[0].shape[1:])
         self.dtype = self.blocks[0].dtype

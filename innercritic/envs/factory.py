@@ -32,6 +32,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 
+from innercritic.errors import InnerCriticError
+
 FAMILIES = {
     "maze": "maze",
     "minigrid": "MiniGrid-DoorKey-5x5-v0",
@@ -45,14 +47,57 @@ _MINIGRID_HIGH = 10
 
 def env_family(spec: str) -> str:
     """The family of a spec string (``maze``, ``minigrid`` or ``atari``); a clear error otherwise."""
+    if not isinstance(spec, str):
+        raise InnerCriticError(f"env spec must be a string, got {spec!r}; valid families: {_families()}")
     if spec == "maze":
         return "maze"
     if spec.startswith(("MiniGrid-", "BabyAI-")):
         return "minigrid"
     if spec.startswith("ALE/"):
         return "atari"
-    examples = ", ".join(f"{family} (e.g. {example!r})" for family, example in FAMILIES.items())
-    raise ValueError(f"unknown env spec {spec!r}; valid families: {examples}")
+    raise InnerCriticError(f"unknown env spec {spec!r}; valid families: {_families()}")
+
+
+def _families() -> str:
+    return ", ".join(f"{family} (e.g. {example!r})" for family, example in FAMILIES.items())
+
+
+def check_env_id(spec: str) -> str:
+    """The family of ``spec`` once the id itself is known to exist (a registered MiniGrid id, a game
+    ale-py ships); a one-line error naming the valid families otherwise. No env is built."""
+    family = env_family(spec)
+    if family == "minigrid":
+        import minigrid  # noqa: F401  (registers the MiniGrid ids with gymnasium)
+
+        if spec not in gym.registry:
+            known = sorted((k for k in gym.registry if k.startswith(("MiniGrid-", "BabyAI-"))), key=lambda k: (k.startswith("BabyAI-"), k))
+            raise InnerCriticError(f"unknown env id {spec!r}: not a registered MiniGrid id (registered: {', '.join(known[:5])}, ... "
+                                   f"{len(known)} in all); valid families: {_families()}")
+    elif family == "atari":
+        from ale_py import roms
+
+        if _atari_game(spec) not in roms.get_all_rom_ids():
+            raise InnerCriticError(f"unknown env id {spec!r}: expected 'ALE/<Game>-v5' for a game ale-py ships; valid families: {_families()}")
+    return family
+
+
+def _atari_game(spec: str) -> str:
+    match = re.fullmatch(r"ALE/([A-Za-z0-9]+)-v5", spec)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", match.group(1)).lower() if match else ""
+
+
+def _check_kwargs(spec: str, builder: Any, kwargs: dict[str, Any], skip: int) -> None:
+    """A one-line error for keyword arguments the family's builder does not take (e.g. a maze's
+    ``size`` given to a MiniGrid id), naming the ones it does."""
+    import inspect
+
+    params = list(inspect.signature(builder).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.name != "seed"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise InnerCriticError(f"env {spec!r} takes no keyword argument(s) {unknown} (env_kwargs); valid: {', '.join(valid) or 'none'}")
 
 
 def make_env(spec: str, num_envs: int = 1, seed: int | None = None, **kwargs: Any) -> VectorEnv:
@@ -60,14 +105,16 @@ def make_env(spec: str, num_envs: int = 1, seed: int | None = None, **kwargs: An
 
     ``seed`` seeds the first ``reset``; env ``i`` gets a stream of its own derived from ``(seed, i)``.
     """
-    if num_envs < 1:
-        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-    family = env_family(spec)
+    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        raise InnerCriticError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+    family = check_env_id(spec)  # the id first: an unknown env is named before any argument is passed on
     if family == "maze":
         from innercritic.envs.maze import CheeseMaze
 
+        _check_kwargs(spec, CheeseMaze.__init__, kwargs, skip=2)
         env: VectorEnv = CheeseMaze(num_envs=num_envs, seed=seed, **kwargs)
     elif family == "minigrid":
+        _check_kwargs(spec, _make_minigrid, kwargs, skip=2)
         env = _make_minigrid(spec, num_envs, **kwargs)
     else:
         env = _make_atari(spec, num_envs, **kwargs)
@@ -77,12 +124,7 @@ def make_env(spec: str, num_envs: int = 1, seed: int | None = None, **kwargs: An
 
 
 def _make_minigrid(spec: str, num_envs: int, fully_observable: bool = False, max_steps: int | None = None) -> VectorEnv:
-    import minigrid  # noqa: F401  (registers the MiniGrid ids with gymnasium)
     from minigrid.wrappers import FullyObsWrapper, ImgObsWrapper
-
-    if spec not in gym.registry:
-        known = sorted(k for k in gym.registry if k.startswith(("MiniGrid-", "BabyAI-")))
-        raise ValueError(f"unknown MiniGrid id {spec!r}; registered ids include {', '.join(known[:6])}, ...")
 
     def one() -> gym.Env:
         env = gym.make(spec, **({} if max_steps is None else {"max_steps": max_steps}))
@@ -98,13 +140,9 @@ def _make_minigrid(spec: str, num_envs: int, fully_observable: bool = False, max
 
 
 def _make_atari(spec: str, num_envs: int, **kwargs: Any) -> VectorEnv:
-    from ale_py import roms
     from ale_py.vector_env import AtariVectorEnv
 
-    match = re.fullmatch(r"ALE/([A-Za-z0-9]+)-v5", spec)
-    game = re.sub(r"(?<!^)(?=[A-Z])", "_", match.group(1)).lower() if match else ""
-    if game not in roms.get_all_rom_ids():
-        raise ValueError(f"unknown Atari spec {spec!r}; expected 'ALE/<Game>-v5' for a game ale-py ships, e.g. 'ALE/Breakout-v5'")
+    game = _atari_game(spec)
     kwargs.setdefault("repeat_action_probability", 0.25)  # v5's sticky actions (Machado et al. 2018)
     kwargs.setdefault("num_threads", 0)
     env = AtariVectorEnv(game=game, num_envs=num_envs, autoreset_mode=AutoresetMode.SAME_STEP, **kwargs)

@@ -33,6 +33,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from innercritic.envs.maze_values import ACTION_DELTAS, ACTIONS, free_squares
+from innercritic.errors import InnerCriticError
 
 __all__ = [
     "ACTIONS",
@@ -95,17 +96,17 @@ def _level_hash(level_seed: int, n: int, salt: int) -> int:
 
 def _check_size(n: Any, what: str = "size") -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not (MIN_SIZE <= n <= MAX_SIZE) or n % 2 == 0:
-        raise ValueError(f"{what}={n!r} is invalid: valid sizes are odd integers {MIN_SIZE}..{MAX_SIZE}")
+        raise InnerCriticError(f"{what}={n!r} is invalid: valid sizes are odd integers {MIN_SIZE}..{MAX_SIZE}")
     return int(n)
 
 
 def _parse_sizes(size: Any) -> tuple[int, ...]:
     if isinstance(size, (tuple, list)):
         if len(size) != 2:
-            raise ValueError(f"size={size!r} is invalid: give one odd size or an inclusive (min, max) pair")
+            raise InnerCriticError(f"size={size!r} is invalid: give one odd size or an inclusive (min, max) pair")
         lo, hi = _check_size(size[0], "size[0]"), _check_size(size[1], "size[1]")
         if lo > hi:
-            raise ValueError(f"size={tuple(size)!r} is invalid: min {lo} is larger than max {hi}")
+            raise InnerCriticError(f"size={tuple(size)!r} is invalid: min {lo} is larger than max {hi}")
         return tuple(range(lo, hi + 1, 2))
     return (_check_size(size),)
 
@@ -114,15 +115,15 @@ def _parse_cheese(mode: Any, sizes: Sequence[int]) -> tuple:
     """'top_right:K' -> ('top_right', K); 'anywhere' -> ('anywhere',); 'fixed' -> ('fixed', None);
     'fixed:R,C' -> ('fixed', (R, C)). Checked against every maze size in ``sizes``."""
     if not isinstance(mode, str):
-        raise ValueError(f"cheese={mode!r} is invalid: valid forms are {_CHEESE_FORMS}")
+        raise InnerCriticError(f"cheese={mode!r} is invalid: valid forms are {_CHEESE_FORMS}")
     smallest = min(sizes)
     m = re.fullmatch(r"\s*top_right\s*:\s*(-?\d+)\s*", mode)
     if m:
         k = int(m.group(1))
         if k < 1:
-            raise ValueError(f"cheese={mode!r} is invalid: K={k}; valid K is 1..{smallest}")
+            raise InnerCriticError(f"cheese={mode!r} is invalid: K={k}; valid K is 1..{smallest}")
         if k > smallest:
-            raise ValueError(f"cheese={mode!r} is invalid: K={k} is larger than the maze (size {smallest}); valid K is 1..{smallest}")
+            raise InnerCriticError(f"cheese={mode!r} is invalid: K={k} is larger than the maze (size {smallest}); valid K is 1..{smallest}")
         return ("top_right", k)
     if mode.strip() == "anywhere":
         return ("anywhere",)
@@ -132,16 +133,16 @@ def _parse_cheese(mode: Any, sizes: Sequence[int]) -> tuple:
     if m:
         r, c = int(m.group(1)), int(m.group(2))
         if not (0 <= r < smallest and 0 <= c < smallest):
-            raise ValueError(f"cheese={mode!r} is invalid: ({r}, {c}) is outside the {smallest}x{smallest} maze; valid is 0..{smallest - 1}")
+            raise InnerCriticError(f"cheese={mode!r} is invalid: ({r}, {c}) is outside the {smallest}x{smallest} maze; valid is 0..{smallest - 1}")
         if r % 2 or c % 2:
-            raise ValueError(
+            raise InnerCriticError(
                 f"cheese={mode!r} is invalid: ({r}, {c}) can be a wall; only squares with both coordinates even are free in every maze"
             )
         for n in sizes:
             if (r, c) == (n - 1, 0):
-                raise ValueError(f"cheese={mode!r} is invalid: ({r}, {c}) is the mouse start of the {n}x{n} maze")
+                raise InnerCriticError(f"cheese={mode!r} is invalid: ({r}, {c}) is the mouse start of the {n}x{n} maze")
         return ("fixed", (r, c))
-    raise ValueError(f"cheese={mode!r} is invalid: valid forms are {_CHEESE_FORMS}")
+    raise InnerCriticError(f"cheese={mode!r} is invalid: valid forms are {_CHEESE_FORMS}")
 
 
 def _mode_string(mode: tuple) -> str:
@@ -154,7 +155,7 @@ def _mode_string(mode: tuple) -> str:
 
 def _check_level_seed(seed: Any, what: str = "level_seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (0 <= seed < 2**63):
-        raise ValueError(f"{what}={seed!r} is invalid: level seeds are integers in [0, 2**63)")
+        raise InnerCriticError(f"{what}={seed!r} is invalid: level seeds are integers in [0, 2**63)")
     return int(seed)
 
 
@@ -367,18 +368,18 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
         seed: int | None = None,
     ) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"num_envs={num_envs!r} is invalid: valid values are integers >= 1")
+            raise InnerCriticError(f"num_envs={num_envs!r} is invalid: valid values are integers >= 1")
         self._sizes = _parse_sizes(size)
         largest = max(self._sizes)
         if obs_size is None:
             obs_size = largest
         if isinstance(obs_size, bool) or not isinstance(obs_size, (int, np.integer)) or obs_size < largest or obs_size % 2 == 0:
-            raise ValueError(f"obs_size={obs_size!r} is invalid: valid values are odd integers >= the largest maze size ({largest})")
+            raise InnerCriticError(f"obs_size={obs_size!r} is invalid: valid values are odd integers >= the largest maze size ({largest})")
         self._mode = _parse_cheese(cheese, self._sizes)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
-            raise ValueError(f"max_steps={max_steps!r} is invalid: valid values are None (4 * n * n) or integers >= 1")
+            raise InnerCriticError(f"max_steps={max_steps!r} is invalid: valid values are None (4 * n * n) or integers >= 1")
         if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or not (0 <= num_levels < 2**63):
-            raise ValueError(f"num_levels={num_levels!r} is invalid: valid values are 0 (unlimited) or integers >= 1")
+            raise InnerCriticError(f"num_levels={num_levels!r} is invalid: valid values are 0 (unlimited) or integers >= 1")
 
         self.num_envs = N = int(num_envs)
         self.size = size
@@ -425,7 +426,7 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
             keys = np.random.SeedSequence().generate_state(N, np.uint64)
         elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
             if seed < 0:
-                raise ValueError(f"seed={seed!r} is invalid: valid seeds are non-negative integers, a list of {N} of them, or None")
+                raise InnerCriticError(f"seed={seed!r} is invalid: valid seeds are non-negative integers, a list of {N} of them, or None")
             keys = np.array([np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0] for i in range(N)], dtype=np.uint64)
         else:
             try:
@@ -433,7 +434,7 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
             except TypeError:
                 seeds = []
             if len(seeds) != N or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
-                raise ValueError(f"seed={seed!r} is invalid: valid seeds are non-negative integers, a list of {N} of them, or None")
+                raise InnerCriticError(f"seed={seed!r} is invalid: valid seeds are non-negative integers, a list of {N} of them, or None")
             # A per-env seed s makes env i behave like env 0 of an env seeded with the int s.
             keys = np.array([np.random.SeedSequence([int(s), 0]).generate_state(1, np.uint64)[0] for s in seeds], dtype=np.uint64)
         self._rng_key[:] = keys
@@ -486,14 +487,14 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
         if options:
             unknown = set(options) - {"level_seeds"}
             if unknown:
-                raise ValueError(f"reset options {sorted(unknown)} are unknown: valid options are ['level_seeds']")
+                raise InnerCriticError(f"reset options {sorted(unknown)} are unknown: valid options are ['level_seeds']")
             level_seeds = options.get("level_seeds")
         if level_seeds is None:
             seeds = [self._draw_level_seed(i) for i in range(self.num_envs)]
         else:
             seeds = list(np.asarray(level_seeds).reshape(-1).tolist()) if not isinstance(level_seeds, (list, tuple)) else list(level_seeds)
             if len(seeds) != self.num_envs:
-                raise ValueError(f"level_seeds has {len(seeds)} entries: give exactly num_envs={self.num_envs}")
+                raise InnerCriticError(f"level_seeds has {len(seeds)} entries: give exactly num_envs={self.num_envs}")
             seeds = [_check_level_seed(s, f"level_seeds[{j}]") for j, s in enumerate(seeds)]
         for i, s in enumerate(seeds):
             self._load_level(i, s)
@@ -519,13 +520,13 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
             if a.size == N:
                 a = a.reshape(N)
             else:
-                raise ValueError(f"actions has shape {a.shape}: valid is ({N},) with values in 0..3")
+                raise InnerCriticError(f"actions has shape {a.shape}: valid is ({N},) with values in 0..3")
         if a.dtype.kind not in "iu":
-            raise ValueError(f"actions have dtype {a.dtype}: valid actions are integers 0..3")
+            raise InnerCriticError(f"actions have dtype {a.dtype}: valid actions are integers 0..3")
         if a.dtype != np.int64:
             a = a.astype(np.int64)  # int64 + uint64 would promote to float
         if (a >> 2).any():  # catches negatives too
-            raise ValueError(f"actions {a[(a < 0) | (a > 3)][:5].tolist()} are invalid: valid actions are 0..3 {ACTIONS}")
+            raise InnerCriticError(f"actions {a[(a < 0) | (a > 3)][:5].tolist()} are invalid: valid actions are 0..3 {ACTIONS}")
 
         mouse = self._next[self._mouse + a]
         px = (mouse >> 2) + self._pixel_offset
@@ -580,9 +581,9 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
     def restore_state(self, state: MazeState) -> None:
         """Continue from ``state`` (which stays untouched and can be restored again)."""
         if not isinstance(state, MazeState):
-            raise ValueError(f"state is a {type(state).__name__}: valid is a MazeState from clone_state()")
+            raise InnerCriticError(f"state is a {type(state).__name__}: valid is a MazeState from clone_state()")
         if state.obs.shape != self._obs.shape or state.next_index.shape != self._next.shape:
-            raise ValueError(
+            raise InnerCriticError(
                 f"state holds observations {state.obs.shape}; this env needs {self._obs.shape} (same num_envs and obs_size)"
             )
         self._obs[...] = state.obs
@@ -607,7 +608,7 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
 
     def _check_env(self, i: Any) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not (0 <= i < self.num_envs):
-            raise ValueError(f"env index {i!r} is invalid: valid indices are 0..{self.num_envs - 1}")
+            raise InnerCriticError(f"env index {i!r} is invalid: valid indices are 0..{self.num_envs - 1}")
         self._require_reset("editing/reading an env")
         return int(i)
 
@@ -624,12 +625,12 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
         try:
             r, c = (int(v) for v in pos)
         except (TypeError, ValueError):
-            raise ValueError(f"{what}={pos!r} is not a (row, col) pair") from None
+            raise InnerCriticError(f"{what}={pos!r} is not a (row, col) pair") from None
         if not (0 <= r < n and 0 <= c < n):
-            raise ValueError(f"{what}={(r, c)} is outside env {i}'s {n}x{n} maze: valid rows and cols are 0..{n - 1}")
+            raise InnerCriticError(f"{what}={(r, c)} is outside env {i}'s {n}x{n} maze: valid rows and cols are 0..{n - 1}")
         o = self._offset(i)
         if self._obs[i, 0, r + o, c + o]:
-            raise ValueError(f"{what}={(r, c)} is a wall in env {i}'s maze: it must be a free square")
+            raise InnerCriticError(f"{what}={(r, c)} is a wall in env {i}'s maze: it must be a free square")
         return r, c
 
     @property
@@ -671,7 +672,7 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
             o = self._offset(i)
             g = (i * SS + (r + o) * S + c + o) * 4
             if g == self._mouse[i]:
-                raise ValueError(f"cheese={(r, c)} is where env {i}'s mouse is: the cheese must go on another free square")
+                raise InnerCriticError(f"cheese={(r, c)} is where env {i}'s mouse is: the cheese must go on another free square")
         if self._cheese[i] >= 0:
             self._obs_flat[(self._cheese[i] >> 2) + self._pixel_offset[i] + SS] = 0
         self._cheese[i] = g
@@ -687,7 +688,7 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
         o = self._offset(i)
         g = (i * SS + (r + o) * S + c + o) * 4
         if g == self._cheese[i]:
-            raise ValueError(f"mouse={(r, c)} is env {i}'s cheese square: the episode would already be over; pick another square")
+            raise InnerCriticError(f"mouse={(r, c)} is env {i}'s cheese square: the episode would already be over; pick another square")
         self._obs_flat[self._mouse_px[i]] = 0
         self._mouse[i] = g
         self._mouse_px[i] = (g >> 2) + self._pixel_offset[i]
@@ -710,7 +711,7 @@ class CheeseMaze(gymnasium.vector.VectorEnv):
             if pos.ndim == 1 and pos.shape == (2,):
                 pos = pos[None]
             if pos.ndim != 2 or pos.shape[1] != 2 or pos.dtype.kind not in "iu":
-                raise ValueError(f"positions has shape {pos.shape} and dtype {pos.dtype}: valid is an integer array (P, 2) of (row, col)")
+                raise InnerCriticError(f"positions has shape {pos.shape} and dtype {pos.dtype}: valid is an integer array (P, 2) of (row, col)")
             for p in pos:
                 self._check_free(i, p, "position")
         out = np.repeat(self._obs[i][None], len(pos), axis=0)

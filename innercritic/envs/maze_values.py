@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import deque
 import numpy as np
 
+from innercritic.errors import InnerCriticError
+
 __all__ = [
     "ACTIONS",
     "ACTION_DELTAS",
@@ -44,7 +46,7 @@ ACTION_DELTAS.setflags(write=False)
 def _as_walls(walls: np.ndarray) -> np.ndarray:
     w = np.asarray(walls)
     if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
-        raise ValueError(f"walls must be a square 2-D array, got shape {w.shape}")
+        raise InnerCriticError(f"walls must be a square 2-D array, got shape {w.shape}")
     return w.astype(bool, copy=False)
 
 
@@ -53,11 +55,11 @@ def _as_square(walls: np.ndarray, square, name: str) -> tuple[int, int]:
     try:
         r, c = (int(v) for v in square)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={square!r} is not a (row, col) pair") from None
+        raise InnerCriticError(f"{name}={square!r} is not a (row, col) pair") from None
     if not (0 <= r < n and 0 <= c < n):
-        raise ValueError(f"{name}={square!r} is outside the {n}x{n} maze (valid: 0 <= row, col < {n})")
+        raise InnerCriticError(f"{name}={square!r} is outside the {n}x{n} maze (valid: 0 <= row, col < {n})")
     if walls[r, c]:
-        raise ValueError(f"{name}={square!r} is a wall; it must be a free square")
+        raise InnerCriticError(f"{name}={square!r} is a wall; it must be a free square")
     return r, c
 
 
@@ -111,18 +113,18 @@ def policy_value(walls: np.ndarray, cheese, probs: np.ndarray, gamma: float) -> 
     n = w.shape[0]
     gamma = float(gamma)
     if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma={gamma} is invalid: valid discounts are in [0, 1]")
+        raise InnerCriticError(f"gamma={gamma} is invalid: valid discounts are in [0, 1]")
     free = np.argwhere(~w)
     p = np.asarray(probs, dtype=np.float64)
     if p.shape == (n, n, 4):
         p = p[free[:, 0], free[:, 1]]
     elif p.shape != (len(free), 4):
-        raise ValueError(
+        raise InnerCriticError(
             f"probs has shape {p.shape}; valid shapes are ({len(free)}, 4) "
             f"(free squares in row-major order) or ({n}, {n}, 4)"
         )
     if not np.all(np.isfinite(p)) or (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
-        raise ValueError("probs must be finite, non-negative, and sum to 1 over the 4 actions of each square")
+        raise InnerCriticError("probs must be finite, non-negative, and sum to 1 over the 4 actions of each square")
     values = np.full((n, n), np.nan)
     values[~w] = 0.0
     goal = _cheese_or_none(w, cheese)
@@ -141,12 +143,12 @@ def policy_value(walls: np.ndarray, cheese, probs: np.ndarray, gamma: float) -> 
     try:
         v = np.linalg.solve(A, r[keep])
     except np.linalg.LinAlgError:
-        raise ValueError(
+        raise InnerCriticError(
             f"the Bellman system is singular (gamma={gamma}): with gamma = 1 the policy must reach "
             "the cheese with probability 1 from every square; use gamma < 1"
         ) from None
     if not np.all(np.isfinite(v)):
-        raise ValueError(f"the Bellman system has no finite solution (gamma={gamma}); use gamma < 1")
+        raise InnerCriticError(f"the Bellman system has no finite solution (gamma={gamma}); use gamma < 1")
     vals = np.zeros(F)
     vals[keep] = v
     values[free[:, 0], free[:, 1]] = vals
@@ -179,7 +181,7 @@ def optimal_value(walls: np.ndarray, cheese, gamma: float) -> np.ndarray:
     w = _as_walls(walls)
     gamma = float(gamma)
     if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma={gamma} is invalid: valid discounts are in [0, 1]")
+        raise InnerCriticError(f"gamma={gamma} is invalid: valid discounts are in [0, 1]")
     values = np.full(w.shape, np.nan)
     values[~w] = 0.0
     goal = _cheese_or_none(w, cheese)
@@ -198,7 +200,7 @@ def shortest_path(walls: np.ndarray, start, goal) -> list[tuple[int, int]]:
     g = _as_square(w, goal, "goal")
     dist = bfs_distances(w, g)
     if dist[s] < 0:
-        raise ValueError(f"goal={g} cannot be reached from start={s}")
+        raise InnerCriticError(f"goal={g} cannot be reached from start={s}")
     n = w.shape[0]
     path = [s]
     r, c = s
@@ -240,7 +242,7 @@ def first_move_toward(walls: np.ndarray, square, goal) -> int:
     s = _as_square(w, square, "square")
     g = _as_square(w, goal, "goal")
     if s == g:
-        raise ValueError(f"square={s} is the goal itself; there is no first move")
+        raise InnerCriticError(f"square={s} is the goal itself; there is no first move")
     path = shortest_path(w, s, g)
     step = (path[1][0] - s[0], path[1][1] - s[1])
     return int(next(a for a, d in enumerate(ACTION_DELTAS) if tuple(int(x) for x in d) == step))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from innercritic.probing.metrics import r2
+from innercritic.errors import InnerCriticError
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -45,7 +46,7 @@ def _matrix(x: np.ndarray, name: str) -> np.ndarray:
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2:
-        raise ValueError(f"{name} must be 1-d or 2-d, got shape {a.shape}")
+        raise InnerCriticError(f"{name} must be 1-d or 2-d, got shape {a.shape}")
     return a
 
 
@@ -53,7 +54,7 @@ def _vector(y: np.ndarray, n: int, name: str) -> np.ndarray:
     """Return ``y`` as a flat float64 vector of length ``n``."""
     v = np.asarray(y, dtype=np.float64).reshape(-1)
     if len(v) != n:
-        raise ValueError(f"{name} has {len(v)} entries but x has {n} rows")
+        raise InnerCriticError(f"{name} has {len(v)} entries but x has {n} rows")
     return v
 
 
@@ -69,14 +70,14 @@ class Standardiser:
         """Fit on the training split ``x`` of shape (n, d)."""
         a = _matrix(x, "x")
         if len(a) < 1:
-            raise ValueError("need at least 1 sample to fit a Standardiser")
+            raise InnerCriticError("need at least 1 sample to fit a Standardiser")
         return cls(mean=a.mean(axis=0), std=np.maximum(a.std(axis=0), _STD_FLOOR))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Standardise ``x`` (any split) with the training statistics."""
         a = _matrix(x, "x")
         if a.shape[1] != len(self.mean):
-            raise ValueError(
+            raise InnerCriticError(
                 f"x has {a.shape[1]} features, Standardiser was fit on {len(self.mean)}"
             )
         return (a - self.mean) / self.std
@@ -94,7 +95,7 @@ class LinearValue:
         """Values of the rows of ``x`` (shape (n, d)) as a float64 vector."""
         a = _matrix(x, "x")
         if a.shape[1] != len(self.w):
-            raise ValueError(f"x has {a.shape[1]} features, the probe has {len(self.w)}")
+            raise InnerCriticError(f"x has {a.shape[1]} features, the probe has {len(self.w)}")
         return a @ self.w + self.b
 
 
@@ -125,7 +126,7 @@ def ridge_path(x: np.ndarray, y: np.ndarray):
     a = _matrix(x, "x")
     t = _vector(y, len(a), "y")
     if len(a) < 2:
-        raise ValueError(f"need at least 2 samples, got {len(a)}")
+        raise InnerCriticError(f"need at least 2 samples, got {len(a)}")
     x_mean, y_mean = a.mean(axis=0, dtype=np.float64), t.mean()
     path = _ridge_path((a - x_mean).astype(a.dtype), t - y_mean)
 
@@ -150,9 +151,9 @@ def fit_ridge(
     """
     grid = sorted(float(al) for al in alphas)
     if not grid or grid[0] < 0:
-        raise ValueError(f"alphas must be non-empty and non-negative, got {list(alphas)}")
+        raise InnerCriticError(f"alphas must be non-empty and non-negative, got {list(alphas)}")
     if (x_cal is None) != (y_cal is None):
-        raise ValueError("give both x_cal and y_cal, or neither")
+        raise InnerCriticError("give both x_cal and y_cal, or neither")
     fit = ridge_path(x, y)
     if x_cal is None:
         return fit(grid[0])
@@ -179,11 +180,11 @@ def lstd_path(
     a = _matrix(x, "x")
     an = _matrix(x_next, "x_next")
     if an.shape != a.shape:
-        raise ValueError(f"x_next has shape {an.shape} but x has {a.shape}")
+        raise InnerCriticError(f"x_next has shape {an.shape} but x has {a.shape}")
     r = _vector(reward, len(a), "reward")
     d = _vector(terminal, len(a), "terminal")
     if len(a) < 2:
-        raise ValueError(f"need at least 2 samples, got {len(a)}")
+        raise InnerCriticError(f"need at least 2 samples, got {len(a)}")
     ones = np.ones((len(a), 1), dtype=a.dtype)
     z = np.hstack([a, ones])
     zn = np.hstack([an.astype(a.dtype), ones])
@@ -241,7 +242,7 @@ def fit_affine(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     p = np.asarray(pred, dtype=np.float64).reshape(-1)
     t = _vector(target, len(p), "target")
     if len(p) < 2:
-        raise ValueError(f"need at least 2 samples, got {len(p)}")
+        raise InnerCriticError(f"need at least 2 samples, got {len(p)}")
     pc = p - p.mean()
     var = float(pc @ pc)
     scale = 0.0 if var == 0.0 else float(pc @ (t - t.mean())) / var

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import torch.nn.functional as F
 from torch import Tensor
 
+from innercritic.errors import InnerCriticError
+
 __all__ = ["LOSS_TERMS", "LossConfig", "probe_loss_terms"]
 
 LOSS_TERMS = ("td", "mc", "neg_var", "slack", "ordering", "terminal_zero", "bounds")
@@ -52,22 +54,22 @@ class LossConfig:
         for name in LOSS_TERMS + ("margin",):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"probe loss weight {name}={value!r} is invalid: weights are numbers >= 0")
+                raise InnerCriticError(f"probe loss weight {name}={value!r} is invalid: weights are numbers >= 0")
         if self.scale not in SCALES:
-            raise ValueError(f"probe scale {self.scale!r} is invalid; valid: {', '.join(SCALES)}")
+            raise InnerCriticError(f"probe scale {self.scale!r} is invalid; valid: {', '.join(SCALES)}")
         if not any(getattr(self, name) for name in LOSS_TERMS):
-            raise ValueError(f"a probe configuration needs at least one positive weight among {', '.join(LOSS_TERMS)}")
+            raise InnerCriticError(f"a probe configuration needs at least one positive weight among {', '.join(LOSS_TERMS)}")
 
     @classmethod
     def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "LossConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
         if unknown:
-            raise ValueError(f"probe configuration {name!r} has unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+            raise InnerCriticError(f"probe configuration {name!r} has unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
         try:
             return cls(**{k: (float(v) if k != "scale" else v) for k, v in spec.items()})
         except ValueError as err:
-            raise ValueError(f"probe configuration {name!r}: {err}") from None
+            raise InnerCriticError(f"probe configuration {name!r}: {err}") from None
 
     @property
     def supervised(self) -> bool:
@@ -113,7 +115,7 @@ def probe_loss_terms(
         terms["neg_var"] = -cfg.neg_var * v.var(0, unbiased=False).mean()
     if cfg.slack and v.shape[1] > 1:
         if slack is None:
-            raise ValueError("the slack term needs slack variables")
+            raise InnerCriticError("the slack term needs slack variables")
         gap = v[:, :1] - v[:, 1:]
         terms["slack"] = cfg.slack * ((gap - cfg.margin - F.softplus(slack)) ** 2).mean()
     if cfg.ordering and v.shape[1] > 1:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from innercritic.errors import InnerCriticError
+
 __all__ = [
     "dominance_accuracy",
     "mse_over_var",
@@ -24,9 +26,9 @@ def _vectors(*arrays: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
     lengths = {len(a) for a in out}
     if len(lengths) != 1:
         shown = ", ".join(f"{n}={len(a)}" for n, a in zip(names, out, strict=True))
-        raise ValueError(f"mismatched lengths: {shown}")
+        raise InnerCriticError(f"mismatched lengths: {shown}")
     if len(out[0]) < 2:
-        raise ValueError(f"need at least 2 samples, got {len(out[0])}")
+        raise InnerCriticError(f"need at least 2 samples, got {len(out[0])}")
     return out
 
 

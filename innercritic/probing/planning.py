@@ -50,7 +50,8 @@ from gymnasium.vector import SyncVectorEnv
 from torch import Tensor
 
 from innercritic.agents.noisy import PolicyVersion
-from innercritic.envs.factory import make_env
+from innercritic.envs.episodes import run_episodes
+from innercritic.errors import InnerCriticError
 from innercritic.stats import Z95, normal_interval, wilson_interval
 
 if TYPE_CHECKING:
@@ -105,9 +106,9 @@ def probe_value_fn(agent: torch.nn.Module, hook: str, mean: Tensor, std: Tensor,
     device = _device(agent)
     mean, std, w = (torch.as_tensor(t).to(device=device, dtype=torch.float64).reshape(-1) for t in (mean, std, w))
     if not (mean.shape == std.shape == w.shape):
-        raise ValueError(f"mean, std and w must all have shape (D,), got {tuple(mean.shape)}, {tuple(std.shape)}, {tuple(w.shape)}")
+        raise InnerCriticError(f"mean, std and w must all have shape (D,), got {tuple(mean.shape)}, {tuple(std.shape)}, {tuple(w.shape)}")
     if not bool((std > 0).all()):
-        raise ValueError("std must be positive everywhere (floor it as Standardiser does)")
+        raise InnerCriticError("std must be positive everywhere (floor it as Standardiser does)")
     bias = float(b)
     dim = mean.shape[0]
 
@@ -117,7 +118,7 @@ def probe_value_fn(agent: torch.nn.Module, hook: str, mean: Tensor, std: Tensor,
         # reshape, not view: a channels_last network gives non-contiguous conv activations.
         x = cache[hook].reshape(obs.shape[0], -1).to(torch.float64)
         if x.shape[1] != dim:
-            raise ValueError(f"hook {hook!r} has {x.shape[1]} features per sample, the probe has {dim}")
+            raise InnerCriticError(f"hook {hook!r} has {x.shape[1]} features per sample, the probe has {dim}")
         return ((x - mean) / std) @ w + bias
 
     return value
@@ -142,7 +143,7 @@ def _values(value_fn: ValueFn, obs: np.ndarray) -> np.ndarray:
     v = value_fn(torch.from_numpy(np.ascontiguousarray(obs)))
     v = torch.as_tensor(v).detach().to("cpu", torch.float64).numpy().reshape(-1)
     if v.shape != (len(obs),):
-        raise ValueError(f"value_fn returned {v.shape[0]} values for {len(obs)} observations; it must return shape (B,)")
+        raise InnerCriticError(f"value_fn returned {v.shape[0]} values for {len(obs)} observations; it must return shape (B,)")
     return v
 
 
@@ -156,7 +157,7 @@ def _is_maze(env: Any) -> bool:
 
 def _check_env(env: Any) -> None:
     if not (_is_maze(env) or isinstance(env.unwrapped, SyncVectorEnv)):
-        raise ValueError(
+        raise InnerCriticError(
             f"planning needs a copyable env: a CheeseMaze (clone_state/restore_state) or a gymnasium "
             f"SyncVectorEnv such as make_env('MiniGrid-...'); got {type(env.unwrapped).__name__}"
         )
@@ -240,7 +241,7 @@ def greedy_actions(q: np.ndarray, tie_logits: np.ndarray | Tensor | None = None,
         tie_logits = tie_logits.detach().to("cpu", torch.float64).numpy()
     logits = np.asarray(tie_logits, np.float64)
     if logits.shape != q.shape:
-        raise ValueError(f"tie_logits has shape {logits.shape}; it must match q {q.shape}")
+        raise InnerCriticError(f"tie_logits has shape {logits.shape}; it must match q {q.shape}")
     return np.where(tied, logits, -np.inf).argmax(axis=1).astype(np.int64)
 
 
@@ -268,69 +269,6 @@ def plan_actions(
 def _logits(agent: torch.nn.Module, obs: np.ndarray) -> Tensor:
     with torch.inference_mode():
         return agent(torch.from_numpy(obs).to(_device(agent)))[0]
-
-
-def _run_episodes(
-    env_spec: str,
-    env_kwargs: Mapping[str, Any] | None,
-    episodes: int,
-    seed: int,
-    num_envs: int,
-    act: Callable[[Any, np.ndarray, np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]],
-) -> dict[str, np.ndarray]:
-    """Per-episode return, length, success, top_right, level_seed (maze) and the per-episode counts
-    of every boolean ``act`` reports (``act(env, obs, pending) -> (actions, {name: bool (N,)})``).
-
-    Seeding follows ``RolloutDataModule.evaluate``: round r resets env i with seed + r * n (+ i), and
-    every env counts only its first episode of the round.
-    """
-    if episodes < 1 or num_envs < 1:
-        raise ValueError(f"episodes and num_envs must be >= 1, got {episodes} and {num_envs}")
-    n = min(num_envs, episodes)
-    env = make_env(env_spec, n, seed=seed, **dict(env_kwargs or {}))
-    rounds: list[dict[str, np.ndarray]] = []
-    try:
-        for r in range(-(-episodes // n)):
-            obs, _ = env.reset(seed=seed + r * n)
-            # Envs past the requested count in the last round still step (so every other env sees
-            # the same levels and random draws as in a full round) but are neither planned nor counted.
-            pending = np.arange(n) < episodes - r * n
-            ret, length = np.zeros(n), np.zeros(n, np.int64)
-            top_right = np.zeros(n, bool)
-            counts: dict[str, np.ndarray] = {}
-            out: dict[str, np.ndarray] = {
-                "return": np.zeros(n),
-                "length": np.zeros(n, np.int64),
-                "success": np.zeros(n, bool),
-                "top_right": np.zeros(n, bool),
-                "level_seed": np.full(n, -1, np.int64),
-            }
-            while pending.any():
-                actions, matches = act(env, obs, pending)
-                for name, m in matches.items():
-                    counts.setdefault(name, np.zeros(n, np.int64))
-                    counts[name] += np.asarray(m, bool) & pending
-                obs, reward, terminated, truncated, info = env.step(actions)
-                ret += np.where(pending, reward, 0.0)
-                length += pending
-                if "at_top_right" in info:
-                    top_right |= info["at_top_right"] & pending
-                finished = (terminated | truncated) & pending
-                if finished.any():
-                    out["return"][finished] = ret[finished]
-                    out["length"][finished] = length[finished]
-                    out["success"][finished] = (terminated & (reward > 0))[finished]
-                    out["top_right"][finished] = top_right[finished]
-                    if "level_seed" in info:
-                        out["level_seed"][finished] = info["level_seed"][finished]
-                    pending &= ~finished
-            for name, c in counts.items():
-                out[f"hits/{name}"] = c
-            keep = np.arange(n) < episodes - r * n
-            rounds.append({k: v[keep] for k, v in out.items()})
-    finally:
-        env.close()
-    return {k: np.concatenate([rd[k] for rd in rounds]) for k in rounds[0]}
 
 
 def _agreement(hits: np.ndarray, steps: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
@@ -377,9 +315,9 @@ def _per_episode(ep: dict[str, np.ndarray], maze: bool) -> dict[str, np.ndarray]
 
 def _check_tie_break(tie_break: str, policy: torch.nn.Module | None) -> None:
     if tie_break not in TIE_BREAKS:
-        raise ValueError(f"tie_break={tie_break!r} is invalid; valid: {', '.join(repr(t) for t in TIE_BREAKS)}")
+        raise InnerCriticError(f"tie_break={tie_break!r} is invalid; valid: {', '.join(repr(t) for t in TIE_BREAKS)}")
     if tie_break == "policy" and policy is None:
-        raise ValueError("tie_break='policy' needs the policy (the agent) to read its logits")
+        raise InnerCriticError("tie_break='policy' needs the policy (the agent) to read its logits")
 
 
 def evaluate_planner(
@@ -403,18 +341,18 @@ def evaluate_planner(
     """
     _check_tie_break(tie_break, policy)
 
-    def act(env: Any, obs: np.ndarray, pending: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def act(env: Any, obs: np.ndarray, pending: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         logits = None if policy is None else _logits(policy, obs)
         actions, _ = plan_actions(env, value_fn, gamma, pending, logits if tie_break == "policy" else None, tie_tol)
         if logits is None:
             return actions, {}
         return actions, {"agree": actions == logits.argmax(-1).cpu().numpy()}
 
-    ep = _run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act)
+    ep = run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act)
     maze = env_spec == "maze"
     out = _summary(ep, maze)
     if policy is not None:
-        out["agree_own_states"], out["agree_own_states_lo"], out["agree_own_states_hi"] = _agreement(ep["hits/agree"], ep["length"])
+        out["agree_own_states"], out["agree_own_states_lo"], out["agree_own_states_hi"] = _agreement(ep["sum/agree"], ep["length"])
     out["per_episode"] = _per_episode(ep, maze)
     return out
 
@@ -433,12 +371,10 @@ def _policy_rollout(
 ) -> dict[str, np.ndarray]:
     """The sampled policy's episodes, with, at every visited state, whether each planner, the
     sampled action and a uniformly random action agree with the policy's argmax."""
-    device = _device(agent)
-    # Seeded like RolloutDataModule.evaluate, so the policy's episodes are the ones it reports.
-    generator = torch.Generator(device=device).manual_seed(seed)
+    # The runner seeds the sampler as RolloutDataModule.evaluate's, so the policy's episodes are the ones it reports.
     uniform = torch.Generator().manual_seed(seed + 1)
 
-    def act(env: Any, obs: np.ndarray, pending: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def act(env: Any, obs: np.ndarray, pending: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         logits = _logits(agent, obs)
         sampled = _POLICY.sample(logits, generator).cpu().numpy()
         best = logits.argmax(-1).cpu().numpy()
@@ -449,7 +385,7 @@ def _policy_rollout(
             matches[f"source:{name}"] = planned == best
         return sampled, matches
 
-    return _run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act)
+    return run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act, device=_device(agent))
 
 
 def agreement_on_policy_states(
@@ -469,7 +405,7 @@ def agreement_on_policy_states(
     "decisions"}`` (the fraction agreeing over all decisions, with its 95% interval)."""
     _check_tie_break(tie_break, agent)
     ep = _policy_rollout(agent, env_spec, env_kwargs, {"planner": value_fn}, gamma, episodes, seed, num_envs, tie_break, tie_tol)
-    p, lo, hi = _agreement(ep["hits/source:planner"], ep["length"])
+    p, lo, hi = _agreement(ep["sum/source:planner"], ep["length"])
     return {"agree_policy_states": p, "agree_policy_states_lo": lo, "agree_policy_states_hi": hi, "decisions": int(ep["length"].sum())}
 
 
@@ -496,7 +432,7 @@ def compare_planners(
     _check_tie_break(tie_break, agent)
     for reserved in ("policy", "random"):
         if reserved in sources:
-            raise ValueError(f"source name {reserved!r} is reserved for the reference rows; rename it")
+            raise InnerCriticError(f"source name {reserved!r} is reserved for the reference rows; rename it")
     maze = env_spec == "maze"
     on_policy = _policy_rollout(agent, env_spec, env_kwargs, sources, gamma, episodes, seed, num_envs, tie_break, tie_tol)
     steps = on_policy["length"]
@@ -509,25 +445,25 @@ def compare_planners(
     for name, value_fn in sources.items():
         res = evaluate_planner(env_spec, env_kwargs, value_fn, gamma, episodes, seed, agent, num_envs, tie_break, tie_tol)
         row = {"source": name, **{k: v for k, v in res.items() if k != "per_episode" and not k.startswith("agree")}}
-        row.update(agree_cols("agree_policy_states", on_policy[f"hits/source:{name}"], steps))
+        row.update(agree_cols("agree_policy_states", on_policy[f"sum/source:{name}"], steps))
         row.update({k: v for k, v in res.items() if k.startswith("agree_own_states")})
         rows.append(row)
 
     policy_row = {"source": "policy", **_summary(on_policy, maze)}
-    policy_row.update(agree_cols("agree_policy_states", on_policy["hits/policy"], steps))
-    policy_row.update(agree_cols("agree_own_states", on_policy["hits/policy"], steps))
+    policy_row.update(agree_cols("agree_policy_states", on_policy["sum/policy"], steps))
+    policy_row.update(agree_cols("agree_own_states", on_policy["sum/policy"], steps))
     rows.append(policy_row)
 
     uniform = torch.Generator().manual_seed(seed + 2)
 
-    def act_random(env: Any, obs: np.ndarray, pending: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def act_random(env: Any, obs: np.ndarray, pending: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         logits = _logits(agent, obs)
         actions = torch.randint(logits.shape[-1], (len(obs),), generator=uniform).numpy()
         return actions, {"agree": actions == logits.argmax(-1).cpu().numpy()}
 
-    rand = _run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act_random)
+    rand = run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act_random)
     random_row = {"source": "random", **_summary(rand, maze)}
-    random_row.update(agree_cols("agree_policy_states", on_policy["hits/random"], steps))
-    random_row.update(agree_cols("agree_own_states", rand["hits/agree"], rand["length"]))
+    random_row.update(agree_cols("agree_policy_states", on_policy["sum/random"], steps))
+    random_row.update(agree_cols("agree_own_states", rand["sum/agree"], rand["length"]))
     rows.append(random_row)
     return rows

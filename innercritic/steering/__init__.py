@@ -2,7 +2,7 @@
 coefficient scans over held-out episodes, and per-square action maps of a maze policy.
 
 Method: activation addition (Turner et al. 2023, "Steering GPT-2-XL by adding an activation
-vector"), with the maze's cheese vector of Mini et al. 2023 ("Understanding and Controlling a
+vector"), with the maze's cheese and top-right vectors of Mini et al. 2023 ("Understanding and Controlling a
 Maze-Solving Policy Network"). Framework-free: no Lightning here; ``lightning_modules.steering``
 runs a scan from the command line::
 
@@ -14,6 +14,7 @@ from innercritic.steering.scan import (
     HELDOUT_SEED_OFFSET,
     MEAN_METRICS,
     PROPORTION_METRICS,
+    Steer,
     check_coefficients,
     normal_interval,
     play_episodes,
@@ -22,10 +23,13 @@ from innercritic.steering.scan import (
     wilson_interval,
 )
 from innercritic.steering.vectors import (
+    CONTRASTS,
+    LevelVectors,
     SteeringVector,
     activation_shape,
-    cheese_vector,
+    averaged_vector,
     check_vector,
+    contrast_observations,
     mean_difference,
     mean_difference_from_cache,
     probe_direction,
@@ -33,17 +37,21 @@ from innercritic.steering.vectors import (
 )
 
 __all__ = [
+    "CONTRASTS",
     "HELDOUT_SEED_OFFSET",
     "MEAN_METRICS",
     "PROPORTION_METRICS",
     "ActionMap",
+    "LevelVectors",
+    "Steer",
     "SteeringVector",
     "action_map",
     "action_map_figure",
     "activation_shape",
-    "cheese_vector",
+    "averaged_vector",
     "check_coefficients",
     "check_vector",
+    "contrast_observations",
     "draw_action_map",
     "mean_difference",
     "mean_difference_from_cache",

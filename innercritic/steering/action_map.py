@@ -28,7 +28,7 @@ from innercritic.agents.hooks import AddVector, HookedModule
 from innercritic.envs.factory import make_env
 from innercritic.envs.maze_values import ACTION_DELTAS, decision_square, free_squares
 from innercritic.steering.scan import HELDOUT_SEED_OFFSET
-from innercritic.steering.vectors import SteeringVector, check_vector
+from innercritic.steering.vectors import LevelVectors, SteeringVector, activation_shape, check_vector
 
 __all__ = ["ActionMap", "action_map", "action_map_figure", "draw_action_map"]
 
@@ -103,7 +103,7 @@ def draw_action_map(ax: Any, amap: ActionMap, title: str = "", arrows: np.ndarra
 
 def action_map_figure(
     agent: HookedModule,
-    vector: SteeringVector,
+    vector: SteeringVector | LevelVectors,
     coefficient: float,
     env_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
@@ -114,12 +114,13 @@ def action_map_figure(
 
     The maze is the first of up to ``tries`` held-out levels (seeded from ``HELDOUT_SEED_OFFSET +
     seed``) that has a decision square, so the picture shows the choice between cheese and corner.
-    Returns ``(figure, data)`` where data holds both :class:`ActionMap` objects and summary numbers
-    (mean total variation, level seed).
+    A :class:`LevelVectors` is built in that maze, as a scan builds it. Returns ``(figure, data)`` where
+    data holds both :class:`ActionMap` objects and summary numbers (mean total variation, level seed).
     """
     from matplotlib.figure import Figure  # a lazy import: scans that draw nothing never load matplotlib
 
-    check_vector(agent, vector.tensor, vector.hook, positions)
+    per_level = isinstance(vector, LevelVectors)
+    check_vector(agent, torch.zeros(activation_shape(agent, vector.hook)) if per_level else vector.tensor, vector.hook, positions)
     pos = None if positions is None else [tuple(int(v) for v in p) for p in positions]
     base = HELDOUT_SEED_OFFSET + int(seed)
     env = make_env("maze", 1, seed=base, **dict(env_kwargs or {}))
@@ -132,7 +133,8 @@ def action_map_figure(
             if decision is not None:
                 break
         device = next(agent.parameters()).device
-        steer = {vector.hook: AddVector(vector.tensor.to(device), coeff=float(coefficient), positions=pos)}
+        tensor = vector.build(agent, env, [0])[0] if per_level else vector.tensor
+        steer = {vector.hook: AddVector(tensor.to(device), coeff=float(coefficient), positions=pos)}
         plain = action_map(agent, env, 0)
         steered = action_map(agent, env, 0, steer)
     finally:

@@ -21,10 +21,16 @@ metric ``m`` comes with ``m_lo`` and ``m_hi``):
   visits (one extra forward pass without the vector), averaged per episode, then over episodes;
 - ``value_change``: the critic's value with the vector minus without it, at the same states;
 - maze only: ``p_cheese`` (reached the cheese), ``p_top_right`` (stood on the top-right corner at
-  some step), ``p_first_move_cheese`` (of the episodes that reach their maze's decision square, the
-  share whose first move there heads for the cheese; ``n_decision`` counts them) and
-  ``pi_first_move_cheese`` (the steered policy's probability of that move with the mouse placed on
-  the decision square, over every maze that has one: the smoother figure Mini et al. report).
+  some step), ``p_decision_cheese`` and ``p_decision_top_right`` (of the episodes that reach their
+  maze's decision square, where the paths to the cheese and to the corner part, the share whose first
+  move there heads for the cheese, or for the corner: the literature's metric; ``n_decision`` counts
+  them) and ``pi_decision_cheese`` / ``pi_decision_top_right`` (the steered policy's probability of
+  that move with the mouse placed on the decision square, over every maze that has one: the smoother
+  figure Mini et al. report).
+
+A vector is a :class:`SteeringVector` (the same in every maze) or :class:`LevelVectors` (each maze's
+own contrast vector, built after its reset, as Mini et al. build the cheese vector); rows record
+``per_level`` and ``vector_norm`` (the mean over the episodes' vectors for per-level ones).
 
 Run::
 
@@ -42,13 +48,16 @@ from torch import Tensor
 
 from innercritic.agents.hooks import AddVector, HookedModule
 from innercritic.agents.noisy import PolicyVersion
-from innercritic.envs.factory import env_family, make_env
+from innercritic.envs.episodes import run_episodes
+from innercritic.envs.factory import env_family
 from innercritic.envs.maze_values import decision_square, first_move_toward
 from innercritic.stats import normal_interval, wilson_interval
-from innercritic.steering.vectors import SteeringVector, check_vector
+from innercritic.steering.vectors import LevelVectors, SteeringVector, activation_shape, check_vector
+from innercritic.errors import InnerCriticError
 
 __all__ = [
     "HELDOUT_SEED_OFFSET",
+    "Steer",
     "MEAN_METRICS",
     "PROPORTION_METRICS",
     "check_coefficients",
@@ -64,31 +73,69 @@ __all__ = [
 HELDOUT_SEED_OFFSET = 2_000_000_011
 POLICY = PolicyVersion("policy")  # scans sample the (steered) policy itself, no noise
 
-PROPORTION_METRICS = ("success", "p_cheese", "p_top_right", "p_first_move_cheese")
-MEAN_METRICS = ("return", "length", "kl", "value_change", "pi_first_move_cheese")
+PROPORTION_METRICS = ("success", "p_cheese", "p_top_right", "p_decision_cheese", "p_decision_top_right")
+MEAN_METRICS = ("return", "length", "kl", "value_change", "pi_decision_cheese", "pi_decision_top_right")
+
+
+class Steer:
+    """What a scan adds at one hook: ``coefficient * vector``, the vector fixed or one per level.
+
+    A :class:`SteeringVector` is added as it is in every maze; a :class:`LevelVectors` is built anew
+    for each level after its reset (:meth:`start`), so every env of a batch gets its own maze's vector
+    and :meth:`interventions` hands each forward pass the rows of the envs it runs on.
+    """
+
+    def __init__(self, vector: SteeringVector | LevelVectors, coefficient: float, positions: Sequence[Sequence[int]] | None = None) -> None:
+        self.vector = vector
+        self.coefficient = float(coefficient)
+        self.positions = None if positions is None else [tuple(int(v) for v in p) for p in positions]
+        self._fixed: Tensor | None = None
+        self._per_env: Tensor | None = None
+
+    @property
+    def per_level(self) -> bool:
+        return isinstance(self.vector, LevelVectors)
+
+    def start(self, agent: HookedModule, env: Any, m: int) -> np.ndarray:
+        """Called after each reset of ``env``: builds the first ``m`` envs' vectors; returns their norms."""
+        device = _device(agent)
+        if not self.per_level:
+            if self._fixed is None:
+                self._fixed = self.vector.tensor.to(device)
+            return np.full(m, self.vector.norm)
+        vectors = self.vector.build(agent, env, range(m))
+        self._per_env = torch.zeros((env.num_envs, *vectors.shape[1:]), dtype=vectors.dtype)
+        self._per_env[:m] = vectors
+        self._per_env = self._per_env.to(device)
+        return vectors.double().flatten(1).norm(dim=1).numpy()
+
+    def interventions(self, rows: np.ndarray) -> dict[str, AddVector]:
+        """The intervention for a forward pass over the envs ``rows``."""
+        tensor = self._fixed if not self.per_level else self._per_env[torch.as_tensor(rows, device=self._per_env.device)]
+        return {self.vector.hook: AddVector(tensor, coeff=self.coefficient, positions=self.positions)}
 
 
 def check_coefficients(coefficients: Sequence[float]) -> list[float]:
     """The coefficients as floats; a one-line ValueError for an empty list or a non-finite value."""
     if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, Sequence) and not isinstance(coefficients, np.ndarray):
-        raise ValueError(f"coefficients must be a list of numbers, e.g. [-1, 0, 1], got {coefficients!r}")
+        raise InnerCriticError(f"coefficients must be a list of numbers, e.g. [-1, 0, 1], got {coefficients!r}")
     out = []
     for c in coefficients:
         try:
             value = float(c)
         except (TypeError, ValueError):
-            raise ValueError(f"coefficient {c!r} is not a number; coefficients must be finite numbers, e.g. [-1, 0, 1]") from None
+            raise InnerCriticError(f"coefficient {c!r} is not a number; coefficients must be finite numbers, e.g. [-1, 0, 1]") from None
         if not math.isfinite(value):
-            raise ValueError(f"coefficient {c!r} is not finite; coefficients must be finite numbers, e.g. [-1, 0, 1]")
+            raise InnerCriticError(f"coefficient {c!r} is not finite; coefficients must be finite numbers, e.g. [-1, 0, 1]")
         out.append(value)
     if not out:
-        raise ValueError("coefficients is empty; give at least one coefficient, e.g. [-1, 0, 1] (0 is the unsteered agent)")
+        raise InnerCriticError("coefficients is empty; give at least one coefficient, e.g. [-1, 0, 1] (0 is the unsteered agent)")
     return out
 
 
 def _check_count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+        raise InnerCriticError(f"{what} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
@@ -99,36 +146,35 @@ def play_episodes(
     env_kwargs: Mapping[str, Any] | None,
     episodes: int,
     seed: int = 0,
-    interventions: Mapping[str, Any] | None = None,
+    interventions: Mapping[str, Any] | Steer | None = None,
     num_envs: int | None = None,
     trace: bool = False,
 ) -> dict[str, Any]:
     """Play each env's first episode ``episodes`` times with ``interventions`` installed; per-episode arrays.
 
-    Env ``i`` of round ``r`` is reset with seed ``HELDOUT_SEED_OFFSET + seed + r * num_envs`` and the
-    actions come from one generator seeded ``HELDOUT_SEED_OFFSET + seed``, whatever the
-    interventions, so two calls differ only by what the interventions change. Only envs still in
-    their first episode are forwarded (the others step with action 0 and are not counted), which keeps
-    the long tail of a scan cheap. ``trace=True`` also returns every step's observations and actions
-    (for tests of exact reproduction).
+    ``interventions`` is a mapping of hook name to intervention, installed as it is on every forward
+    pass, or a :class:`Steer`, whose per-level vectors are built after each reset. The episodes are
+    played by ``innercritic.envs.episodes.run_episodes`` from seed ``HELDOUT_SEED_OFFSET + seed``,
+    whatever the interventions, so two calls differ only by what the interventions change. Only envs
+    still in their first episode are forwarded (the others step with action 0 and are not counted),
+    which keeps the long tail of a scan cheap. ``trace=True`` also returns every step's observations
+    and actions (for tests of exact reproduction).
     """
     episodes = _check_count(episodes, "episodes")
     n = min(_check_count(num_envs, "num_envs") if num_envs is not None else episodes, episodes)
+    steer = interventions if isinstance(interventions, Steer) else None
     steered = bool(interventions)
     is_maze = env_family(env_spec) == "maze"
     device = _device(agent)
-    base = HELDOUT_SEED_OFFSET + int(seed)
-    env = make_env(env_spec, n, seed=base, **dict(env_kwargs or {}))
-    generator = torch.Generator(device=device).manual_seed(base)
-    keys = ["return", "length", "success", "kl", "value_change"]
-    if is_maze:
-        keys += ["p_cheese", "p_top_right", "has_decision", "reached_decision", "first_move_cheese", "pi_first_move_cheese"]
-    out: dict[str, list] = {k: [] for k in keys}
     steps: list[dict[str, np.ndarray]] = []
+    norms: list[np.ndarray] = []
+    # Per round: each env's decision square, the moves there toward cheese and corner, the policy's
+    # probabilities of them, and the first move the mouse made there.
+    state: dict[str, np.ndarray] = {}
 
-    def forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(x: Tensor, rows: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if steered:
-            with agent.intervene(interventions):
+            with agent.intervene(steer.interventions(rows) if steer is not None else interventions):
                 logits_s, value_s = agent(x)
             logits_u, value_u = agent(x)
         else:
@@ -136,79 +182,66 @@ def play_episodes(
             logits_u, value_u = logits_s, value_s
         return logits_s, value_s, logits_u, value_u
 
-    try:
-        for r in range(-(-episodes // n)):
-            obs, _ = env.reset(seed=base + r * n)
-            m = min(n, episodes - r * n)
-            pending = np.zeros(n, bool)
-            pending[:m] = True
-            ret = np.zeros(n)
-            length = np.zeros(n, np.int64)
-            success = np.zeros(n, bool)
-            kl_sum = np.zeros(n)
-            dv_sum = np.zeros(n)
-            top_right = np.zeros(n, bool)
-            if is_maze:
-                ds_rc, toward, pi_toward = _decision_squares(env, m, forward, device)
-                reached = np.zeros(n, bool)
-                first_cheese = np.zeros(n, bool)
-            action = np.zeros(n, np.int64)
-            while pending.any():
-                idx = np.flatnonzero(pending)
-                logits_s, value_s, logits_u, value_u = forward(torch.from_numpy(obs[idx]).to(device))
-                chosen = POLICY.sample(logits_s, generator)
-                action[:] = 0
-                action[idx] = chosen.cpu().numpy()
-                if steered:
-                    logp_s, logp_u = torch.log_softmax(logits_s.double(), -1), torch.log_softmax(logits_u.double(), -1)
-                    # Rounding can leave a hair below 0 for near-identical distributions; KL never is.
-                    kl_sum[idx] += (logp_s.exp() * (logp_s - logp_u)).sum(-1).clamp_min(0.0).cpu().numpy()
-                    dv_sum[idx] += (value_s.float() - value_u.float()).double().cpu().numpy()
-                if is_maze:
-                    # The first visit to the decision square decides; later visits are after a wrong turn.
-                    mouse = env.mouse_pos[idx]
-                    at = (toward[idx] >= 0) & ~reached[idx] & (mouse == ds_rc[idx]).all(1)
-                    if at.any():
-                        hit = idx[at]
-                        reached[hit] = True
-                        first_cheese[hit] = action[hit] == toward[hit]
-                if trace:
-                    steps.append({"env": idx.copy(), "obs": obs[idx].copy(), "action": action[idx].copy()})
-                obs, reward, terminated, truncated, info = env.step(action)
-                ret[idx] += reward[idx]
-                length[idx] += 1
-                if is_maze:
-                    top_right[idx] |= np.asarray(info["at_top_right"])[idx]
-                done = (terminated | truncated) & pending
-                success |= done & terminated & (reward > 0)
-                pending &= ~done
-            out["return"].append(ret[:m])
-            out["length"].append(length[:m])
-            out["success"].append(success[:m])
-            out["kl"].append(kl_sum[:m] / length[:m])
-            out["value_change"].append(dv_sum[:m] / length[:m])
-            if is_maze:
-                out["p_cheese"].append(success[:m])
-                out["p_top_right"].append(top_right[:m])
-                out["has_decision"].append(toward[:m] >= 0)
-                out["reached_decision"].append(reached[:m])
-                out["first_move_cheese"].append(first_cheese[:m])
-                out["pi_first_move_cheese"].append(pi_toward[:m])
-    finally:
-        env.close()
-    result: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
+    def on_reset(env: Any, m: int) -> None:
+        if steer is not None:
+            norms.append(steer.start(agent, env, m))
+        if is_maze:
+            state["ds"], state["toward"], state["pi"] = _decision_squares(env, m, forward, device)
+            state["first_move"] = np.full(env.num_envs, -1, np.int64)
+
+    def act(env: Any, obs: np.ndarray, pending: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        idx = np.flatnonzero(pending)
+        logits_s, value_s, logits_u, value_u = forward(torch.from_numpy(obs[idx]).to(device), idx)
+        action = np.zeros(len(obs), np.int64)
+        action[idx] = POLICY.sample(logits_s, generator).cpu().numpy()
+        extras = {}
+        if steered:
+            kl, dv = np.zeros(len(obs)), np.zeros(len(obs))
+            logp_s, logp_u = torch.log_softmax(logits_s.double(), -1), torch.log_softmax(logits_u.double(), -1)
+            # Rounding can leave a hair below 0 for near-identical distributions; KL never is.
+            kl[idx] = (logp_s.exp() * (logp_s - logp_u)).sum(-1).clamp_min(0.0).cpu().numpy()
+            dv[idx] = (value_s.float() - value_u.float()).double().cpu().numpy()
+            extras = {"kl": kl, "value_change": dv}
+        if is_maze:
+            # The first visit to the decision square decides; later visits are after a wrong turn.
+            first = state["first_move"]
+            at = (state["toward"][idx, 0] >= 0) & (first[idx] < 0) & (env.mouse_pos[idx] == state["ds"][idx]).all(1)
+            first[idx[at]] = action[idx[at]]
+        if trace:
+            steps.append({"env": idx.copy(), "obs": obs[idx].copy(), "action": action[idx].copy()})
+        return action, extras
+
+    def round_records() -> dict[str, np.ndarray]:
+        if not is_maze:
+            return {}
+        toward, first = state["toward"], state["first_move"]
+        return {"has_decision": toward[:, 0] >= 0, "reached_decision": first >= 0,
+                "decision_cheese": (first >= 0) & (first == toward[:, 0]), "decision_top_right": (first >= 0) & (first == toward[:, 1]),
+                "pi_decision_cheese": state["pi"][:, 0], "pi_decision_top_right": state["pi"][:, 1]}
+
+    ep = run_episodes(env_spec, env_kwargs, episodes, HELDOUT_SEED_OFFSET + int(seed), n, act, device, on_reset, round_records)
+    zeros = np.zeros(len(ep["length"]))
+    result: dict[str, Any] = {"return": ep["return"], "length": ep["length"], "success": ep["success"],
+                              "kl": ep.get("sum/kl", zeros) / ep["length"], "value_change": ep.get("sum/value_change", zeros) / ep["length"]}
+    if steer is not None:
+        result["vector_norm"] = np.concatenate(norms)
+    if is_maze:
+        result.update(p_cheese=ep["success"], p_top_right=ep["top_right"],
+                      **{k: ep[k] for k in ("has_decision", "reached_decision", "decision_cheese", "decision_top_right",
+                                            "pi_decision_cheese", "pi_decision_top_right")})
     if trace:
         result["trace"] = steps
     return result
 
 
 def _decision_squares(env: Any, m: int, forward: Callable, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per env: its decision square (row, col), the action toward the cheese there (-1: none), and the
-    steered policy's probability of that action with the mouse placed there (nan: none)."""
+    """Per env: its decision square (row, col); the actions there toward the cheese and toward the
+    top-right corner (n, 2; -1: no decision square); and the steered policy's probabilities of those
+    two actions with the mouse placed there (n, 2; nan: none)."""
     n = env.num_envs
     ds_rc = np.full((n, 2), -1, np.int64)
-    toward = np.full(n, -1, np.int64)
-    pi = np.full(n, np.nan)
+    toward = np.full((n, 2), -1, np.int64)
+    pi = np.full((n, 2), np.nan)
     cheese = env.cheese_pos
     views, rows = [], []
     for i in range(m):
@@ -217,14 +250,14 @@ def _decision_squares(env: Any, m: int, forward: Callable, device: torch.device)
         if ds is None:
             continue
         ds_rc[i] = ds
-        toward[i] = first_move_toward(walls, ds, cheese[i])
+        toward[i] = first_move_toward(walls, ds, cheese[i]), first_move_toward(walls, ds, (0, walls.shape[0] - 1))
         views.append(env.observe(i, np.array([ds], dtype=np.int64)))
         rows.append(i)
     if rows:
-        logits_s = forward(torch.from_numpy(np.concatenate(views)).to(device))[0]
-        probs = POLICY.probs(logits_s.float()).double().cpu().numpy()
         rows_a = np.array(rows)
-        pi[rows_a] = probs[np.arange(len(rows)), toward[rows_a]]
+        logits_s = forward(torch.from_numpy(np.concatenate(views)).to(device), rows_a)[0]
+        probs = POLICY.probs(logits_s.float()).double().cpu().numpy()
+        pi[rows_a] = np.take_along_axis(probs, toward[rows_a], axis=1)
     return ds_rc, toward, pi
 
 
@@ -242,10 +275,11 @@ def summarise_episodes(episodes: Mapping[str, np.ndarray]) -> dict[str, Any]:
         put("p_cheese", wilson_interval(int(np.sum(episodes["p_cheese"])), len(episodes["p_cheese"])))
         put("p_top_right", wilson_interval(int(np.sum(episodes["p_top_right"])), len(episodes["p_top_right"])))
         reached = np.asarray(episodes["reached_decision"], bool)
-        put("p_first_move_cheese", wilson_interval(int(np.sum(episodes["first_move_cheese"][reached])), int(reached.sum())))
-        row["n_decision"] = int(reached.sum())
         has = np.asarray(episodes["has_decision"], bool)
-        put("pi_first_move_cheese", normal_interval(np.asarray(episodes["pi_first_move_cheese"])[has]))
+        for goal in ("cheese", "top_right"):
+            put(f"p_decision_{goal}", wilson_interval(int(np.sum(episodes[f"decision_{goal}"][reached])), int(reached.sum())))
+            put(f"pi_decision_{goal}", normal_interval(np.asarray(episodes[f"pi_decision_{goal}"])[has]))
+        row["n_decision"] = int(reached.sum())
         row["n_decision_mazes"] = int(has.sum())
     return row
 
@@ -254,7 +288,7 @@ def run_scan(
     agent: HookedModule,
     env_spec: str,
     env_kwargs: Mapping[str, Any] | None,
-    vector: SteeringVector,
+    vector: SteeringVector | LevelVectors,
     coefficients: Sequence[float],
     episodes: int = 100,
     seed: int = 0,
@@ -270,22 +304,30 @@ def run_scan(
     metric with ``_lo`` / ``_hi`` bounds (see the module docstring). ``progress(i, coefficient,
     row)`` is called after each coefficient.
     """
-    if not isinstance(vector, SteeringVector):
-        raise ValueError(f"vector must be a SteeringVector, got {type(vector).__name__}")
+    if not isinstance(vector, (SteeringVector, LevelVectors)):
+        raise InnerCriticError(f"vector must be a SteeringVector or LevelVectors, got {type(vector).__name__}")
     coefficients = check_coefficients(coefficients)
     _check_count(episodes, "episodes")
-    env_family(env_spec)
-    check_vector(agent, vector.tensor, vector.hook, positions)
+    family = env_family(env_spec)
+    if isinstance(vector, LevelVectors):
+        if family != "maze":
+            raise InnerCriticError(f"a per-level {vector.contrast!r} vector needs the cheese maze (env 'maze'); {env_spec!r} has no cheese or corner "
+                             "to contrast: use a fixed vector (file, probe, mean_difference or random)")
+        shape = activation_shape(agent, vector.hook)
+        check_vector(agent, torch.zeros(shape), vector.hook, positions)
+    else:
+        check_vector(agent, vector.tensor, vector.hook, positions)
     pos = None if positions is None else [tuple(int(v) for v in p) for p in positions]
-    tensor = vector.tensor.to(_device(agent))
     rows = []
     for i, c in enumerate(coefficients):
-        intervention = {vector.hook: AddVector(tensor, coeff=c, positions=pos)}
-        # At 0, AddVector returns its input, so the steered agent is the unsteered one and the reference
-        # forward pass (for KL and value change) would only copy it: skip both. Tests check that an
-        # installed coefficient-0 vector reproduces the same episodes bit for bit.
-        result = play_episodes(agent, env_spec, env_kwargs, episodes, seed, intervention if c != 0 else None, num_envs)
-        row = {"source": vector.source, "hook": vector.hook, "coefficient": c, "vector_norm": vector.norm,
+        # At 0 no vector is added, so the steered agent is the unsteered one and the reference forward
+        # pass (for KL and value change) would only copy it: skip both. Tests check that an installed
+        # coefficient-0 vector reproduces the same episodes bit for bit.
+        steer = Steer(vector, c, pos)
+        result = play_episodes(agent, env_spec, env_kwargs, episodes, seed, steer if c != 0 else None, num_envs)
+        norm = float(np.mean(result["vector_norm"])) if "vector_norm" in result else (vector.norm if isinstance(vector, SteeringVector) else None)
+        row = {"source": vector.source, "hook": vector.hook, "coefficient": c, "vector_norm": norm,
+               "per_level": isinstance(vector, LevelVectors),
                "positions": None if pos is None else [list(p) for p in pos], **summarise_episodes(result)}
         rows.append(row)
         if progress is not None:

@@ -4,9 +4,13 @@ Activation addition (Turner et al. 2023, "Steering GPT-2-XL by adding an activat
 arXiv:2308.10248) adds ``coefficient * vector`` to one layer's activations on every forward pass. The
 sources here are the ones of the steering protocol in DESIGN.md:
 
-- :func:`cheese_vector`: the contrast pair of Mini et al. 2023 ("Understanding and Controlling a
-  Maze-Solving Policy Network", arXiv:2310.08043): the activation on a maze with its cheese minus the
-  activation on the same maze without it, at the mouse's start, averaged over ``num_mazes`` mazes;
+- :class:`LevelVectors`: the contrast pairs of Mini et al. 2023 ("Understanding and Controlling a
+  Maze-Solving Policy Network", arXiv:2310.08043), built in the maze being played: the activation on
+  the maze with its cheese minus the activation on the same maze without it (the cheese vector), or
+  on the maze against the same maze with its top-right corner walled off (the top-right vector), at
+  the mouse's start; with a per-level random control of matched norm;
+- :func:`averaged_vector`: the same contrast averaged over ``num_mazes`` other mazes, one vector for
+  every maze (a weaker variant: the vectors transfer poorly between mazes);
 - :func:`mean_difference` / :func:`mean_difference_from_cache`: the difference of the mean
   activations of two labelled sets of states (e.g. cached states with high and with low return);
 - :func:`probe_direction`: a linear probe's weight direction, mapped from the standardised space the
@@ -36,13 +40,17 @@ from torch import Tensor
 
 from innercritic.agents.hooks import HookedModule
 from innercritic.envs.factory import make_env
+from innercritic.errors import InnerCriticError, MissingFileError
 
 __all__ = [
     "FILE_KIND",
     "SteeringVector",
     "activation_shape",
-    "cheese_vector",
+    "CONTRASTS",
+    "LevelVectors",
+    "averaged_vector",
     "check_vector",
+    "contrast_observations",
     "mean_difference",
     "mean_difference_from_cache",
     "probe_direction",
@@ -50,6 +58,8 @@ __all__ = [
 ]
 
 FILE_KIND = "innercritic.steering_vector"
+CONTRASTS = ("cheese", "top_right")  # the contrast pairs a per-level vector can be built from
+_WALLS, _CHEESE = 0, 2  # CheeseMaze observation channels (walls, mouse, cheese)
 FILE_VERSION = 1
 # Mazes for vectors are drawn from their own seed range, so a vector is never built on the very mazes
 # a scan then evaluates it on (scan.HELDOUT_SEED_OFFSET is another range).
@@ -67,14 +77,14 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor, Tensor):
-            raise ValueError(f"SteeringVector.tensor must be a torch.Tensor, got {type(self.tensor).__name__}")
+            raise InnerCriticError(f"SteeringVector.tensor must be a torch.Tensor, got {type(self.tensor).__name__}")
         self.tensor = self.tensor.detach().to("cpu", torch.float32).contiguous()
         if not torch.isfinite(self.tensor).all():
-            raise ValueError(f"steering vector from {self.source!r} at {self.hook!r} has non-finite entries")
+            raise InnerCriticError(f"steering vector from {self.source!r} at {self.hook!r} has non-finite entries")
         try:
             json.dumps(self.metadata)
         except (TypeError, ValueError):
-            raise ValueError(f"SteeringVector.metadata must hold plain JSON values, got {self.metadata!r}") from None
+            raise InnerCriticError(f"SteeringVector.metadata must hold plain JSON values, got {self.metadata!r}") from None
 
     @property
     def norm(self) -> float:
@@ -105,22 +115,22 @@ class SteeringVector:
         """Read a file written by :meth:`save` (``weights_only=True``), with a one-line error otherwise."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"steering vector file {str(path)!r} does not exist")
+            raise MissingFileError(f"steering vector file {str(path)!r} does not exist")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             meta = json.loads(bytes(payload["meta_json"].tolist()).decode("utf-8"))
             vector = payload["vector"]
         except Exception as err:  # noqa: BLE001 - any failure means "not one of our files"
-            raise ValueError(f"{str(path)!r} is not a steering vector file written by SteeringVector.save ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            raise InnerCriticError(f"{str(path)!r} is not a steering vector file written by SteeringVector.save ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         if meta.get("kind") != FILE_KIND:
-            raise ValueError(f"{str(path)!r} is not a steering vector file (kind {meta.get('kind')!r}, expected {FILE_KIND!r})")
+            raise InnerCriticError(f"{str(path)!r} is not a steering vector file (kind {meta.get('kind')!r}, expected {FILE_KIND!r})")
         return cls(vector, meta["hook"], meta["source"], dict(meta.get("metadata") or {}))
 
     def scaled_to(self, norm: float) -> "SteeringVector":
         """The same direction with Euclidean norm ``norm``."""
         current = self.norm
         if current == 0:
-            raise ValueError(f"cannot rescale the zero vector from {self.source!r} at {self.hook!r}")
+            raise InnerCriticError(f"cannot rescale the zero vector from {self.source!r} at {self.hook!r}")
         return SteeringVector(self.tensor * (float(norm) / current), self.hook, self.source, {**self.metadata, "rescaled_to": float(norm)})
 
 
@@ -128,7 +138,7 @@ def activation_shape(agent: HookedModule, hook: str) -> tuple[int, ...]:
     """Per-sample shape of ``hook``'s activation; a one-line ValueError naming the valid hooks otherwise."""
     names = agent.hook_names
     if hook not in names:
-        raise ValueError(f"unknown hook {hook!r}; valid hooks of this {type(agent).__name__}: {', '.join(names)}")
+        raise InnerCriticError(f"unknown hook {hook!r}; valid hooks of this {type(agent).__name__}: {', '.join(names)}")
     obs_shape = getattr(agent, "obs_shape")
     with torch.no_grad():
         _, cache = agent.run_with_cache(torch.zeros(1, *obs_shape, dtype=torch.uint8, device=_device(agent)), names=[hook])
@@ -144,61 +154,140 @@ def check_vector(agent: HookedModule, vector: Tensor, hook: str, positions: Sequ
     got = tuple(vector.shape)
     valid = [shape, (1, *shape)] + ([(shape[0],)] if len(shape) == 3 else [])
     if got not in valid:
-        raise ValueError(f"vector shape {got} does not fit hook {hook!r}, whose activation has shape {shape}; valid vector shapes: {valid}")
+        raise InnerCriticError(f"vector shape {got} does not fit hook {hook!r}, whose activation has shape {shape}; valid vector shapes: {valid}")
     if positions is not None:
         if len(shape) != 3:
-            raise ValueError(f"positions need a spatial (C, H, W) hook, but {hook!r} has shape {shape}; use positions=None or a conv hook")
+            raise InnerCriticError(f"positions need a spatial (C, H, W) hook, but {hook!r} has shape {shape}; use positions=None or a conv hook")
         height, width = shape[1:]
         for p in positions:
             h, w = (int(v) for v in p)
             if not (0 <= h < height and 0 <= w < width):
-                raise ValueError(f"position {(h, w)} is outside hook {hook!r}'s {height}x{width} grid; valid: 0 <= h < {height}, 0 <= w < {width}")
+                raise InnerCriticError(f"position {(h, w)} is outside hook {hook!r}'s {height}x{width} grid; valid: 0 <= h < {height}, 0 <= w < {width}")
     return shape
 
 
-@torch.no_grad()
-def cheese_vector(
+def contrast_observations(env: Any, rows: Sequence[int], contrast: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two observations of a contrast pair for each maze in ``rows`` of a ``CheeseMaze``, as it stands now.
+
+    - ``cheese``: the maze as observed against the same maze with its cheese removed (Mini et al. 2023's
+      cheese vector);
+    - ``top_right``: the maze as observed against the same maze with its top-right corner square walled
+      off (their top-right vector: the corner's path present against absent; in a perfect maze walling
+      the corner square turns the path into a dead end and changes no other square).
+
+    Only the observation is edited, never the env, so a contrast can be built in the maze being played.
+    Returns two uint8 arrays (len(rows), 3, S, S): (first, second).
+    """
+    if contrast not in CONTRASTS:
+        raise InnerCriticError(f"unknown contrast {contrast!r}; valid: {', '.join(CONTRASTS)}")
+    if not all(hasattr(env, name) for name in ("walls", "cheese_pos", "mouse_pos", "observe")):
+        raise InnerCriticError(f"the {contrast!r} contrast needs a cheese maze (env 'maze'); got {type(env).__name__}, which has no cheese or corner to edit")
+    rows = [int(i) for i in rows]
+    mouse = env.mouse_pos
+    first = np.concatenate([env.observe(i, mouse[i][None]) for i in rows]) if rows else np.zeros((0, *env.single_observation_space.shape), np.uint8)
+    second = first.copy()
+    size = env.obs_size
+    for k, i in enumerate(rows):
+        if contrast == "cheese":
+            second[k, _CHEESE] = 0
+        else:
+            n = env.maze_size(i)
+            o = (size - n) // 2
+            second[k, _WALLS, o, o + n - 1] = 1
+            second[k, _CHEESE, o, o + n - 1] = 0  # a wall holds no cheese
+    return first, second
+
+
+@dataclass(eq=False)
+class LevelVectors:
+    """A steering vector per level, built in the maze being played (Mini et al. 2023's construction).
+
+    For every level of a scan, :meth:`build` takes the maze's first observation and its contrast
+    (:func:`contrast_observations`) and returns act(first) - act(second) at ``hook``: the vector of that
+    maze, which Mini et al. found transfers poorly to other mazes (an average over mazes is
+    :func:`averaged_vector`, a separate, weaker variant). With ``control_seed`` set, each level gets
+    instead a Gaussian vector of the same norm as its own contrast vector: the matched random control.
+    """
+
+    hook: str  # hook point the vectors are built at and added to
+    contrast: str  # "cheese" or "top_right" (CONTRASTS)
+    control_seed: int | None = None  # None: the contrast vectors; an int: per-level random vectors of matched norm
+
+    def __post_init__(self) -> None:
+        if self.contrast not in CONTRASTS:
+            raise InnerCriticError(f"unknown contrast {self.contrast!r}; valid: {', '.join(CONTRASTS)}")
+
+    @property
+    def source(self) -> str:
+        return self.contrast if self.control_seed is None else "random"
+
+    def control(self, seed: int = 0) -> "LevelVectors":
+        """The matched random control of these vectors."""
+        return LevelVectors(self.hook, self.contrast, int(seed))
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-JSON description for summaries and tables."""
+        meta = {"per_level": True, "contrast": self.contrast}
+        if self.control_seed is not None:
+            meta.update(seed=int(self.control_seed), matched_to=self.contrast)
+        return {"source": self.source, "hook": self.hook, "metadata": meta}
+
+    @torch.no_grad()
+    def build(self, agent: HookedModule, env: Any, rows: Sequence[int]) -> Tensor:
+        """float32 (len(rows), *activation shape): the vector of each maze in ``rows`` as it stands now."""
+        first, second = contrast_observations(env, rows, self.contrast)
+        device = _device(agent)
+        _, a = agent.run_with_cache(torch.from_numpy(first).to(device), names=[self.hook])
+        _, b = agent.run_with_cache(torch.from_numpy(second).to(device), names=[self.hook])
+        vectors = (a[self.hook].double() - b[self.hook].double()).cpu()
+        if self.control_seed is not None:
+            seeds = env.level_seeds
+            for k, i in enumerate(int(r) for r in rows):
+                # Seeded by the level, not the batch slot: a level's control is the same in any scan.
+                generator = torch.Generator().manual_seed((int(self.control_seed) * 1_000_003 + int(seeds[i])) % 2**63)
+                noise = torch.randn(vectors.shape[1:], generator=generator, dtype=torch.float64)
+                vectors[k] = noise * (float(vectors[k].norm()) / float(noise.norm()))
+        return vectors.float()
+
+
+def averaged_vector(
     agent: HookedModule,
     hook: str,
+    contrast: str = "cheese",
     env_kwargs: Mapping[str, Any] | None = None,
     num_mazes: int = 100,
     seed: int = 0,
 ) -> SteeringVector:
-    """Mean over ``num_mazes`` mazes of act(maze with cheese) - act(same maze, cheese removed), at the start.
+    """Mean over ``num_mazes`` mazes of their :class:`LevelVectors` at the start: one vector for every maze.
 
     Mazes come from ``CheeseMaze(**env_kwargs)`` seeded from ``VECTOR_SEED_OFFSET + seed``, a range no
-    scan plays. Following Mini et al. (2023), both observations show the mouse on its start square;
-    adding the vector with a positive coefficient should make the agent act more as if there were a
-    cheese (where there was one when the vector was built), a negative one as if there were none.
+    scan plays. The source is named ``<contrast>_averaged``; averaging washes out where in the maze the
+    contrast was (the cheese's square differs from maze to maze), which is why the per-level vector is
+    the default.
     """
     activation_shape(agent, hook)
     if isinstance(num_mazes, bool) or not isinstance(num_mazes, (int, np.integer)) or num_mazes < 1:
-        raise ValueError(f"num_mazes must be an integer >= 1, got {num_mazes!r}")
+        raise InnerCriticError(f"num_mazes must be an integer >= 1, got {num_mazes!r}")
     kwargs = dict(env_kwargs or {})
     base = VECTOR_SEED_OFFSET + int(seed)
     env = make_env("maze", int(num_mazes), seed=base, **kwargs)
-    with_cheese, _ = env.reset(seed=base)
-    mouse = env.mouse_pos
-    for i in range(env.num_envs):
-        env.set_cheese(i, None)
-    without = np.concatenate([env.observe(i, mouse[i][None]) for i in range(env.num_envs)])
-    level_seeds = env.level_seeds.tolist()
-    env.close()
-    device = _device(agent)
-    _, a = agent.run_with_cache(torch.from_numpy(with_cheese).to(device), names=[hook])
-    _, b = agent.run_with_cache(torch.from_numpy(without).to(device), names=[hook])
-    vector = (a[hook].double() - b[hook].double()).mean(0).float()
-    meta = {"num_mazes": int(num_mazes), "seed": int(seed), "env_kwargs": _plain(kwargs), "level_seeds": level_seeds}
-    return SteeringVector(vector, hook, "cheese", meta)
+    try:
+        env.reset(seed=base)
+        per_level = LevelVectors(hook, contrast).build(agent, env, range(env.num_envs)).double()
+        level_seeds = env.level_seeds.tolist()
+    finally:
+        env.close()
+    meta = {"num_mazes": int(num_mazes), "seed": int(seed), "contrast": contrast, "env_kwargs": _plain(kwargs), "level_seeds": level_seeds}
+    return SteeringVector(per_level.mean(0).float(), hook, f"{contrast}_averaged", meta)
 
 
 def mean_difference(acts_a: Tensor | np.ndarray, acts_b: Tensor | np.ndarray, hook: str, metadata: Mapping[str, Any] | None = None) -> SteeringVector:
     """mean(acts_a) - mean(acts_b) over the leading (state) axis, accumulated in float64."""
     a, b = _as_tensor(acts_a), _as_tensor(acts_b)
     if a.dim() < 2 or b.dim() < 2 or a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"acts_a and acts_b must be (N, *shape) with the same per-state shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise InnerCriticError(f"acts_a and acts_b must be (N, *shape) with the same per-state shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if len(a) == 0 or len(b) == 0:
-        raise ValueError(f"mean_difference needs at least one state in each set, got {len(a)} and {len(b)}")
+        raise InnerCriticError(f"mean_difference needs at least one state in each set, got {len(a)} and {len(b)}")
     vector = (a.double().mean(0) - b.double().mean(0)).float()
     meta = {"n_a": int(len(a)), "n_b": int(len(b)), **dict(metadata or {})}
     return SteeringVector(vector, hook, "mean_difference", meta)
@@ -213,7 +302,7 @@ def mean_difference_from_cache(cache: Any, hook: str, rows_a: np.ndarray, rows_b
     """
     field_name = f"act.{hook}"
     if field_name not in cache.fields:
-        raise ValueError(f"the cache holds no activations of hook {hook!r}; cached hooks: {', '.join(cache.hook_points)}")
+        raise InnerCriticError(f"the cache holds no activations of hook {hook!r}; cached hooks: {', '.join(cache.hook_points)}")
     shape = tuple(shape) if shape is not None else tuple(cache.hook_shapes.get(hook, ()))
     acts_a = cache.gather(field_name, np.asarray(rows_a, dtype=np.int64)).astype(np.float64)
     acts_b = cache.gather(field_name, np.asarray(rows_b, dtype=np.int64)).astype(np.float64)
@@ -235,15 +324,15 @@ def probe_direction(w_standardised: Tensor | np.ndarray, std: Tensor | np.ndarra
     w = _as_tensor(w_standardised).double().reshape(-1)
     s = _as_tensor(std).double().reshape(-1)
     if w.shape != s.shape:
-        raise ValueError(f"probe weight has {w.numel()} entries but std has {s.numel()}; they must both be the flattened activation of {hook!r}")
+        raise InnerCriticError(f"probe weight has {w.numel()} entries but std has {s.numel()}; they must both be the flattened activation of {hook!r}")
     raw = w / s.clamp_min(eps)
     n = float(raw.norm())
     if n == 0 or not math.isfinite(n):
-        raise ValueError(f"the probe direction at {hook!r} is zero or not finite (norm {n}); is the probe trained?")
+        raise InnerCriticError(f"the probe direction at {hook!r} is zero or not finite (norm {n}); is the probe trained?")
     raw = raw / n
     if shape is not None:
         if math.prod(shape) != raw.numel():
-            raise ValueError(f"shape {tuple(shape)} has {math.prod(shape)} entries; the probe has {raw.numel()}")
+            raise InnerCriticError(f"shape {tuple(shape)} has {math.prod(shape)} entries; the probe has {raw.numel()}")
         raw = raw.reshape(tuple(int(d) for d in shape))
     return SteeringVector(raw.float(), hook, "probe", dict(metadata or {}))
 

@@ -1,0 +1,44 @@
+"""The one episode runner (``innercritic.envs.episodes.run_episodes``) and its three callers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from episode_runner_cases import GOLDEN, figures
+from innercritic.envs.episodes import run_episodes
+from innercritic.envs.factory import make_env
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_the_three_callers_give_the_numbers_they_gave_before_the_merge():
+    # PPO evaluation, a steering scan (plain, per-level and averaged vectors) and planning, on fixed seeds.
+    assert figures() == json.loads(GOLDEN.read_text())
+
+
+def test_rounds_seed_levels_and_count_each_envs_first_episode():
+    seen = []
+
+    def on_reset(env, m):
+        seen.append((env.level_seeds.copy(), m))
+
+    def always_up(env, obs, pending, generator):
+        return np.zeros(len(obs), np.int64), {"pending": pending.copy(), "draw": torch.rand(len(obs), generator=generator).numpy()}
+
+    ep = run_episodes("maze", {"size": 5, "max_steps": 7}, episodes=5, seed=40, num_envs=2, act=always_up, on_reset=on_reset)
+    assert [m for _, m in seen] == [2, 2, 1]  # the last round counts one env; both still step
+    for r, (levels, _) in enumerate(seen):
+        env = make_env("maze", 2, seed=40, size=5, max_steps=7)
+        env.reset(seed=40 + r * 2)
+        assert np.array_equal(levels, env.level_seeds), "round r resets with seed + r * n"
+    assert ep["length"].tolist() == [7] * 5 and not ep["success"].any()  # "up" from the bottom-left never finds the cheese in 7 steps
+    assert ep["sum/pending"].tolist() == [7] * 5  # extras are summed over each counted episode's own steps
+    assert np.array_equal(ep["level_seed"], np.concatenate([levels[:m] for levels, m in seen]))
+    again = run_episodes("maze", {"size": 5, "max_steps": 7}, episodes=5, seed=40, num_envs=2, act=always_up)
+    assert np.array_equal(again["sum/draw"], ep["sum/draw"]), "the generator is seeded from the run's seed"
+    with pytest.raises(ValueError, match="episodes must be an integer >= 1"):
+        run_episodes("maze", {}, 0, 0, 1, always_up)
