@@ -28,8 +28,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +39,7 @@ from typing import Any, Sequence
 import yaml
 
 from innercritic.probing.evaluate import aggregate
+from innercritic.cache.format import file_sha256
 from innercritic.errors import InnerCriticError, MissingFileError, exit_on_user_error
 
 __all__ = ["main", "run_loop", "steering_verdicts", "write_report"]
@@ -60,10 +63,14 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "train.py", *args]
 
 
+def _relative(text: str | Path) -> str:
+    """``text`` with the repository root's prefix removed from any path in it."""
+    return str(text).replace(str(ROOT) + os.sep, "")
+
+
 def _shown(cmd: Sequence[str]) -> str:
     """A command as a reader would type it from the repository root (python train.py ..., relative paths)."""
-    prefix = str(ROOT) + os.sep
-    return " ".join(["python", *[(a if " " not in a else repr(a)).replace(prefix, "") for a in cmd[1:]]])
+    return " ".join(["python", *[_relative(a if " " not in a else repr(a)) for a in cmd[1:]]])
 
 
 def _latest_run(folder: Path) -> Path:
@@ -73,29 +80,129 @@ def _latest_run(folder: Path) -> Path:
     return runs[-1]
 
 
-class _Stages:
-    """Runs stages as subprocesses, logging each to logs/<name>.log and a progress line to stdout."""
+class LoopStopped(Exception):
+    """SIGINT or SIGTERM reached the loop; the running stage has been stopped and waited for."""
 
-    def __init__(self, root: Path) -> None:
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise LoopStopped(signal.Signals(signum).name)
+
+
+class _Stages:
+    """Runs stages as subprocesses, each in a process group of its own, resumable and stoppable.
+
+    A stage's folder holds ``stage.json``: the hashes of its request (arguments, config file texts,
+    input files) and its status. A stage whose request matches a finished one is skipped; one whose
+    request changed is rerun, saying what changed; an interrupted training stage resumes from its
+    ``last.ckpt`` (other stages are redone). Each stage's output goes to logs/<name>.log and, line by
+    line, to the terminal; SIGINT / SIGTERM stop the running stage's whole process group and wait for
+    it before the loop exits, so nothing keeps writing.
+    """
+
+    def __init__(self, root: Path, total: int) -> None:
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.total, self.done = total, 0
         self.timings: dict[str, float] = {}
         self.commands: dict[str, str] = {}
 
-    def run(self, name: str, cmd: list[str]) -> None:
+    def run(self, name: str, cmd: list[str], folder: Path, inputs: Sequence[str | Path] = (), resumable: bool = False) -> Path:
+        """Run (or skip, or resume) stage ``name``; returns its run folder (``folder/version_N``)."""
+        self.done += 1
+        tag = f"[loop] stage {self.done}/{self.total} {name}"
         self.commands[name] = _shown(cmd)
-        print(f"[loop] {name}: {self.commands[name]}", flush=True)
+        parts = _request_parts(cmd, inputs)
+        request = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        marker = folder / "stage.json"
+        previous = json.loads(marker.read_text()) if marker.is_file() else {}
+        if previous.get("request") == request and previous.get("status") == "done" and (Path(previous["run"]) / "summary.json").is_file():
+            print(f"{tag}: skipped, finished earlier with the same arguments, configs and inputs ({_relative(previous['run'])})", flush=True)
+            self.timings[name] = float(previous.get("seconds", 0.0))
+            return Path(previous["run"])
+        if previous and previous.get("request") != request:
+            changed = [k for k in parts if previous.get("parts", {}).get(k) != parts[k]] or ["request"]
+            print(f"{tag}: rerun, its {' and '.join(changed)} changed since the earlier run", flush=True)
+        elif previous.get("status") == "running":
+            ckpt = _last_checkpoint(folder) if resumable else None
+            if ckpt is not None:
+                cmd = [*cmd, f"--ckpt_path={ckpt}"]
+                print(f"{tag}: resuming the interrupted run from {_relative(ckpt)}", flush=True)
+            else:
+                print(f"{tag}: redoing the interrupted run", flush=True)
+        print(f"{tag}: {_shown(cmd)}", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"request": request, "parts": parts, "status": "running"}))
         start = time.perf_counter()
-        with open(self.logs / f"{name}.log", "w") as log:
-            done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        returncode = self._spawn(name, cmd)
         self.timings[name] = time.perf_counter() - start
-        if done.returncode != 0:
+        if returncode != 0:
             lines = (self.logs / f"{name}.log").read_text().strip().splitlines()
-            message = f"loop stage {name!r} failed (exit {done.returncode}): {_stage_error(lines)} -- full log: {self.logs / (name + '.log')}"
+            message = f"loop stage {name!r} failed (exit {returncode}): {_stage_error(lines)} -- full log: {self.logs / (name + '.log')}"
             # Exit 2 is a stage's user error (train.py's one-line `error: ...`): the loop's too; anything else is a crash.
-            raise (InnerCriticError if done.returncode == 2 else StageCrash)(message)
-        print(f"[loop] {name}: done in {self.timings[name]:.0f} s", flush=True)
+            raise (InnerCriticError if returncode == 2 else StageCrash)(message)
+        run = _latest_run(folder)
+        marker.write_text(json.dumps({"request": request, "parts": parts, "status": "done", "run": str(run), "seconds": self.timings[name]}))
+        print(f"{tag}: done in {self.timings[name]:.0f} s", flush=True)
+        return run
+
+    def _spawn(self, name: str, cmd: list[str]) -> int:
+        """Run ``cmd`` in a new process group, its output copied to the stage's log and the terminal."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.logs / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            copier = threading.Thread(target=_copy_output, args=(proc.stdout, log, name), daemon=True)
+            copier.start()
+            try:
+                proc.wait()
+            except LoopStopped:
+                _stop_group(proc)
+                raise
+            finally:
+                copier.join(timeout=5)
+        return proc.returncode
+
+
+def _copy_output(stream: Any, log: Any, name: str) -> None:
+    # Progress bars redraw with carriage returns: the log keeps every byte, the terminal each updated line.
+    for raw in iter(lambda: stream.read1(65536), b""):
+        text = raw.decode("utf-8", "replace")
+        log.write(text)
+        log.flush()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM to the stage's whole process group (its DDP ranks, W&B's service), then wait; SIGKILL after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _request_parts(cmd: Sequence[str], inputs: Sequence[str | Path]) -> dict[str, str]:
+    """What decides a stage's outputs, each part hashed: its arguments, the texts of its config files, its input files."""
+    args = [a for a in cmd[1:] if not a.startswith("--ckpt_path=")]
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {"arguments": digest(args), "configs": digest({c: (ROOT / c).read_text() for c in configs}),
+            "inputs": digest({str(p): file_sha256(p) for p in inputs})}
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    runs = sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    ckpt = runs[-1] / "checkpoints" / "last.ckpt" if runs else None
+    return ckpt if ckpt is not None and ckpt.is_file() else None
 
 
 class StageCrash(RuntimeError):
@@ -113,38 +220,14 @@ def _stage_error(lines: Sequence[str]) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def _agent(stages: _Stages, spec: dict[str, Any]) -> tuple[str, Path | None]:
-    """The agent checkpoint: given, reused from an identical earlier training, or trained now."""
-    if spec.get("agent_ckpt"):
-        return str(spec["agent_ckpt"]), None
-    config = spec.get("config", "configs/ppo/maze.yaml")
-    overrides = [str(a) for a in spec.get("args", [])]
-    folder = stages.root / "agent"
-    request = hashlib.sha256(json.dumps({"config": Path(ROOT / config).read_text(), "args": overrides}).encode()).hexdigest()
-    marker = folder / "request.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == request:
-        run = Path(json.loads(marker.read_text())["run"])
-        ckpt = run / "checkpoints" / "last.ckpt"
-        if ckpt.is_file():
-            print(f"[loop] agent: reusing {ckpt} (same config and arguments)", flush=True)
-            stages.commands["agent"] = _shown(_command("fit", "-c", config, f"--trainer.default_root_dir={folder}", *overrides))
-            return str(ckpt), run
-    stages.run("agent", _command("fit", "-c", config, f"--trainer.default_root_dir={folder}", *overrides))
-    run = _latest_run(folder)
-    marker.write_text(json.dumps({"sha256": request, "run": str(run)}))
-    return str(run / "checkpoints" / "last.ckpt"), run
-
-
-def run_loop(config_path: str | Path) -> Path:
-    """Run every stage of the loop described by a loop config; returns the report's path."""
+def run_loop(config_path: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Run every stage of the loop described by a loop config (with ``overrides`` of its keys); returns the report's path."""
     config = _load(config_path)
+    for key, value in (overrides or {}).items():
+        _set(config, key, value)
     root = Path(config.get("root", "runs/loop"))
     if not root.is_absolute():
         root = ROOT / root
-    stages = _Stages(root)
-    start = time.perf_counter()
-    agent_ckpt, agent_run = _agent(stages, config.get("agent", {}))
-
     probe = config.get("probe") or {}
     probe_config = probe.get("config", "configs/probe/maze.yaml")
     seeds = [int(s) for s in probe.get("seeds", [0, 1, 2])] if probe else []
@@ -152,36 +235,65 @@ def run_loop(config_path: str | Path) -> Path:
         raise InnerCriticError("loop config probe.seeds is empty; give at least one seed")
     if config.get("steer") and not seeds:
         raise InnerCriticError("loop config has a steer section but no probe section: steering reads the probe runs")
-    probe_runs = []
-    for k, seed in enumerate(seeds):
-        folder = root / f"probe_seed{seed}"
-        args = ["fit", "-c", probe_config, f"--data.agent_ckpt={agent_ckpt}", f"--data.cache_dir={root / 'cache'}",
-                f"--seed_everything={seed}", f"--data.split_seed={seed}", f"--model.eval_seed={seed}",
-                f"--trainer.default_root_dir={folder}", *[str(a) for a in probe.get("args", [])]]
-        if k == 0 and probe.get("planning_episodes"):
-            args.append(f"--model.planning_episodes={int(probe['planning_episodes'])}")
-        stages.run(f"probe_seed{seed}", _command(*args))
-        probe_runs.append(_latest_run(folder))
+    agent = config.get("agent", {})
+    steer = config.get("steer") or {}
+    stages = _Stages(root, total=(0 if agent.get("agent_ckpt") else 1) + len(seeds) + len(steer))
+    start = time.perf_counter()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if agent.get("agent_ckpt"):
+            agent_ckpt, agent_run = str(agent["agent_ckpt"]), None
+        else:
+            folder = root / "agent"
+            args = ["fit", "-c", agent.get("config", "configs/ppo/maze.yaml"), f"--trainer.default_root_dir={folder}",
+                    *[str(a) for a in agent.get("args", [])]]
+            agent_run = stages.run("agent", _command(*args), folder, resumable=True)
+            agent_ckpt = str(agent_run / "checkpoints" / "last.ckpt")
 
-    steer_runs = {}
-    first_summary = json.loads((probe_runs[0] / "summary.json").read_text()) if probe_runs else {}
-    for name, spec in (config.get("steer") or {}).items():
-        folder = root / f"steer_{name}"
-        args = ["test", "-c", spec.get("config", "configs/steer/maze.yaml"), f"--model.agent_ckpt={agent_ckpt}",
-                f"--trainer.default_root_dir={folder}", *[str(a) for a in spec.get("args", [])]]
-        if spec.get("probe"):  # steer along a probe of the first probe run (default: at its headline hook point)
-            hook = spec.get("hook") or first_summary["hook"]
-            path = probe_runs[0] / "probes" / f"{spec['probe']}@{hook}.pt"
-            if not path.is_file():
-                raise InnerCriticError(f"loop steer.{name}: no probe {spec['probe']!r} at {hook!r} in {probe_runs[0] / 'probes'}")
-            args += ["--model.vector_source=probe", f"--model.vector_path={path}", f"--model.hook={hook}"]
-        stages.run(f"steer_{name}", _command(*args))
-        steer_runs[name] = _latest_run(folder)
+        probe_runs = []
+        for k, seed in enumerate(seeds):
+            folder = root / f"probe_seed{seed}"
+            args = ["fit", "-c", probe_config, f"--data.agent_ckpt={agent_ckpt}", f"--data.cache_dir={root / 'cache'}",
+                    f"--seed_everything={seed}", f"--data.split_seed={seed}", f"--model.eval_seed={seed}",
+                    f"--trainer.default_root_dir={folder}", *[str(a) for a in probe.get("args", [])]]
+            if k == 0 and probe.get("planning_episodes"):
+                args.append(f"--model.planning_episodes={int(probe['planning_episodes'])}")
+            probe_runs.append(stages.run(f"probe_seed{seed}", _command(*args), folder, inputs=[agent_ckpt]))
+
+        steer_runs = {}
+        first_summary = json.loads((probe_runs[0] / "summary.json").read_text()) if probe_runs else {}
+        for name, spec in steer.items():
+            folder = root / f"steer_{name}"
+            args = ["test", "-c", spec.get("config", "configs/steer/maze.yaml"), f"--model.agent_ckpt={agent_ckpt}",
+                    f"--trainer.default_root_dir={folder}", *[str(a) for a in spec.get("args", [])]]
+            inputs = [agent_ckpt]
+            if spec.get("probe"):  # steer along a probe of the first probe run (default: at its headline hook point)
+                hook = spec.get("hook") or first_summary["hook"]
+                path = probe_runs[0] / "probes" / f"{spec['probe']}@{hook}.pt"
+                if not path.is_file():
+                    raise InnerCriticError(f"loop steer.{name}: no probe {spec['probe']!r} at {hook!r} in {probe_runs[0] / 'probes'}")
+                args += ["--model.vector_source=probe", f"--model.vector_path={path}", f"--model.hook={hook}"]
+                inputs.append(path)
+            steer_runs[name] = stages.run(f"steer_{name}", _command(*args), folder, inputs=inputs)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     report = write_report(root, agent_run, probe_runs, steer_runs, stages.commands, stages.timings,
                           time.perf_counter() - start, str(config_path))
     print(f"[loop] report: {report}", flush=True)
     return report
+
+
+def _set(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """``config[a][b] = value`` for ``dotted`` "a.b", creating sections as needed."""
+    *path, last = dotted.split(".")
+    node = config
+    for key in path:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise InnerCriticError(f"loop override --{dotted}: {key!r} is not a section of the loop config")
+    node[last] = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,13 +509,30 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
 
 
 def main(args: list[str] | None = None) -> None:
-    """``python train.py loop -c CONFIG``."""
+    """``python train.py loop -c CONFIG [--root DIR] [--section.key VALUE ...]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="train.py loop", description="Run the whole InnerCritic loop from a loop config.")
+    parser = argparse.ArgumentParser(
+        prog="train.py loop", description="Run the whole InnerCritic loop from a loop config.",
+        epilog="Any key of the loop config can be overridden as --section.key VALUE (VALUE read as YAML), e.g. "
+               "--root runs/x --agent.args '[\"--model.total_env_steps=50000\"]' --probe.seeds '[0]'. A rerun skips the "
+               "stages that finished with the same request, resumes an interrupted training stage and redoes other "
+               "interrupted stages.")
     parser.add_argument("-c", "--config", required=True, help="a loop config, e.g. configs/loop/maze.yaml")
-    ns = parser.parse_args(args)
+    parser.add_argument("--root", help="the loop's folder (the config's root)")
+    ns, rest = parser.parse_known_args(args)
+    overrides: dict[str, Any] = {} if ns.root is None else {"root": ns.root}
+    while rest:
+        key = rest.pop(0)
+        if not key.startswith("--") or "=" not in key and not rest:
+            parser.error(f"unexpected argument {key!r}; overrides are --section.key VALUE")
+        key, value = key[2:].split("=", 1) if "=" in key else (key[2:], rest.pop(0))
+        overrides[key] = yaml.safe_load(value)
     try:
-        exit_on_user_error(lambda: run_loop(ns.config))  # a user error: one line and exit 2
+        exit_on_user_error(lambda: run_loop(ns.config, overrides))  # a user error: one line and exit 2
     except StageCrash as err:
         sys.exit(f"error: {err}")  # one line and exit 1: the stage's log holds its traceback
+    except LoopStopped as err:
+        print(f"error: loop stopped by {err}; the running stage was stopped and waited for. Rerun the same command to resume.",
+              file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -20,22 +20,30 @@ and exit status 2, and the run folder and W&B run the failed command had started
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import re
 import shutil
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from callbacks.progress import RunProgressBar
 from callbacks.summary import RunSummary
 from innercritic.errors import InnerCriticError, exit_on_user_error
 
 # What each stage needs the module to define; a module without it cannot run that command.
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # Lightning's names, not files
 STAGE_STEPS = {"fit": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 
 
@@ -76,15 +84,87 @@ class NewRuns:
         return list(root.glob("version_*")) + list((root / "wandb").glob("*"))
 
 
-def default_loggers(root: str, project: str = "innercritic") -> list:
-    """A CSV copy of every scalar (it also names the run folder) and the W&B run beside it."""
+class _KeepingWriter(ExperimentWriter):
+    """CSVLogger's writer, continuing an existing ``metrics.csv`` instead of deleting it (a resumed run).
+
+    Rows past ``keep_until_step`` (logged after the checkpoint the run resumes from, by the run that was
+    stopped) are dropped, since the resumed run logs those steps again.
+    """
+
+    def __init__(self, log_dir: str, keep_until_step: int | None) -> None:
+        self.keep_until_step = keep_until_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            self.metrics_keys = sorted(reader.fieldnames or [])
+            rows = list(reader)
+        if self.keep_until_step is not None:
+            kept = [r for r in rows if not r.get("step") or float(r["step"]) <= self.keep_until_step]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger whose given ``version`` continues that folder's metrics.csv: one history per run."""
+
+    def __init__(self, *args: Any, keep_until_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_until_step = keep_until_step
+
+    @property
+    @rank_zero_experiment  # as CSVLogger's own: the other DDP ranks get a dummy and write nothing
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self.keep_until_step)
+        return self._experiment
+
+
+def resumed_version(root: str | Path, ckpt_path: str | None) -> tuple[int, int] | None:
+    """(N, the checkpoint's global step) when ``ckpt_path`` lies in ``root/version_N/checkpoints/`` (a run
+    resumed in place), else None."""
+    if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
+        return None
+    ckpt = Path(ckpt_path).resolve()
+    run = ckpt.parent.parent
+    if ckpt.parent.name == "checkpoints" and run.parent == Path(root).resolve() and re.fullmatch(r"version_\d+", run.name):
+        from innercritic.agents.checkpoint import read_checkpoint
+
+        return int(run.name.split("_")[1]), int(read_checkpoint(ckpt).get("global_step", 0))
+    return None
+
+
+def default_loggers(root: str, project: str = "innercritic", resume: tuple[int, int] | None = None) -> list:
+    """A CSV copy of every scalar (it also names the run folder) and the W&B run beside it.
+
+    ``resume`` (version N, global step) continues that run folder: its metrics.csv goes on from the
+    checkpoint's step, and the W&B run keeps the id stored in the folder's ``wandb_run_id``, so the
+    curves are one history.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     os.makedirs(root, exist_ok=True)
-    wandb_logger = WandbLogger(save_dir=root, project=project)
+    version, step = resume if resume is not None else (None, None)
+    csv_logger = ResumableCSVLogger(save_dir=root, name="", version=version, keep_until_step=step)
+    run_id = None
+    if rank_zero_only.rank == 0:  # the other DDP ranks log nothing, and must not claim a version folder of their own
+        run_dir = Path(csv_logger.log_dir)
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]  # a W&B run id: lowercase letters and digits
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    wandb_logger = WandbLogger(save_dir=root, project=project, id=run_id)  # Lightning passes resume="allow"
     # Lightning always passes wandb.init an `anonymous` key (None unless asked for), and wandb warns on every
     # run that the setting has no effect; dropping the unset key is the whole fix.
     if wandb_logger._wandb_init.get("anonymous") is None:
         wandb_logger._wandb_init.pop("anonymous", None)
-    return [CSVLogger(save_dir=root, name=""), wandb_logger]
+    return [csv_logger, wandb_logger]
 
 
 class _DropTips(logging.Filter):
@@ -119,11 +199,22 @@ class InnerCriticCLI(LightningCLI):
         self.new_runs = new_runs or NewRuns()
         super().__init__(*args, **kwargs)
 
+    def init_parser(self, **kwargs: Any):
+        parser = super().init_parser(**kwargs)
+        # `loop` is dispatched before LightningCLI parses anything; name it where a user looks for commands.
+        parser.epilog = ("also: train.py loop -c CONFIG [--root DIR] [--section.key VALUE ...]   the whole research loop "
+                         "(train, collect, probe, plan, steer, report), resumable; `train.py loop --help` for its options")
+        return parser
+
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
-        self.new_runs.watch(config.get("default_root_dir") or "runs")
+        root = config.get("default_root_dir") or "runs"
+        self.new_runs.watch(root)
         if config.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(config.get("default_root_dir") or "runs")
+            kwargs["logger"] = default_loggers(root, resume=resumed_version(root, self._get(self.config_init, "ckpt_path")))
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            kwargs["callbacks"] = callbacks + [RunProgressBar()]  # totals and ETA over the whole run
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(cb, RunSummary) for cb in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
@@ -143,7 +234,7 @@ class InnerCriticCLI(LightningCLI):
         # that cannot be read or holds another kind of module fails first, as one line naming the file.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
             model = self.config[subcommand].get("model")
             class_path = model.get("class_path") if hasattr(model, "get") else None
             check_checkpoint_kind(ckpt_path, _import(class_path) if class_path else None)

@@ -179,6 +179,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.rebuild = bool(rebuild)
+        self.rebuild_flag = "--data.rebuild true"  # how the command that built this module spells rebuild (train.py's)
         self.verify_checksums = bool(verify_checksums)
         self.progress = bool(progress)
         # The agent is loaded now so that a typo in a hook point or a version fails before any training starts.
@@ -216,7 +217,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         try:
             build_cache(self.agent, self.request, self.cache_dir, rebuild=self.rebuild, progress=self.progress, source=source)
         except CacheMismatchError as err:
-            raise CacheMismatchError(f"{err} (to rebuild it: --data.rebuild true with train.py, --rebuild true with python -m datamodules.trajectories)") from None
+            raise CacheMismatchError(f"{err} (to replace it: {self.rebuild_flag})") from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is not None:
@@ -357,6 +358,7 @@ def main(args: list[str] | None = None) -> None:
     kwargs = parser.parse_args(args).as_dict()
     kwargs.pop("config", None)
     dm = TrajectoryDataModule(**kwargs)
+    dm.rebuild_flag = "--rebuild true"
     dm.prepare_data()
     dm.setup("fit")
     print(f"{dm.cache}; train/calib/test episodes {len(dm.train_episodes)}/{len(dm.calib_episodes)}/{len(dm.test_episodes)}")

@@ -186,6 +186,10 @@ class PPO(L.LightningModule):
                                      f"set those model arguments to the checkpoint's")
                 self.agent.load_state_dict(source.state_dict())
 
+    def progress(self) -> tuple[int, int, str]:
+        """The run's progress for ``callbacks.progress.RunProgressBar``: env steps of ``total_env_steps``."""
+        return int(self.env_steps), int(self.hparams.total_env_steps), "env steps"
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Everything later stages need to rebuild the agent and its env without the training config.
         checkpoint["innercritic"] = {"kind": AGENT_KIND, "agent_config": self.agent.config, "env": self.env_info,

@@ -102,3 +102,21 @@ def test_the_traceback_is_there_when_asked_for(world):
                            f"--trainer.default_root_dir={world['runs']}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**ENV, "INNERCRITIC_TRACEBACK": "1"})
     assert done.returncode != 0 and "Traceback" in done.stderr and "model.lr must be positive" in done.stderr
+
+
+def test_a_cache_mismatch_names_the_rebuild_flag_of_the_command_that_was_run(world, tmp_path):
+    cache = tmp_path / "cache"
+    collect = [sys.executable, "-m", "datamodules.trajectories", f"--agent_ckpt={world['agent']}", f"--cache_dir={cache}",
+               "--episodes_per_version=2", "--num_envs=2", "--progress=false", "--versions=[policy]"]
+    built = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert built.returncode == 0, built.stderr[-2000:]
+    before = snapshot(cache)
+    again = subprocess.run(collect + ["--gamma=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    last = again.stderr.strip().splitlines()[-1]
+    assert again.returncode == 2 and last.startswith("error: ") and "gamma" in last and "Traceback" not in again.stderr
+    assert last.endswith("(to replace it: --rebuild true)"), last
+    probe = run(["fit", "-c", "configs/probe/maze.yaml", f"--data.agent_ckpt={world['agent']}", f"--data.cache_dir={cache}",
+                 "--data.episodes_per_version=2", "--data.num_envs=2", "--data.versions=[policy]", "--data.gamma=0.5",
+                 "--data.progress=false", f"--trainer.default_root_dir={tmp_path / 'runs'}"])
+    assert probe.returncode == 2 and probe.stderr.strip().splitlines()[-1].endswith("(to replace it: --data.rebuild true)")
+    assert snapshot(cache) == before and not (tmp_path / "runs").exists()

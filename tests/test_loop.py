@@ -34,9 +34,9 @@ def run_loop(config: dict, path: Path) -> subprocess.CompletedProcess:
                           timeout=900, env=env)
 
 
-def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
-    config = {
-        "root": str(tmp_path / "loop"),
+def tiny_maze_loop(root: Path) -> dict:
+    return {
+        "root": str(root),
         "agent": {"config": "configs/ppo/maze.yaml", "args": TINY_AGENT},
         "probe": {"config": "configs/probe/maze.yaml", "seeds": [0, 1], "planning_episodes": 4, "args": TINY_PROBE},
         "steer": {"cheese": {"config": "configs/steer/maze.yaml", "args": TINY_STEER},
@@ -44,13 +44,28 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
                   "value_probe": {"config": "configs/steer/maze.yaml", "probe": "mc", "hook": "encoder.block1.hook_out",
                                   "args": TINY_STEER + ["--model.vector_norm=1.0"]}},
     }
-    done = run_loop(config, tmp_path / "loop.yaml")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny maze loop, run once from an empty folder: the reference the resumed run must equal."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    done = run_loop(tiny_maze_loop(base / "loop"), base / "loop.yaml")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    root = tmp_path / "loop"
-    for stage in ("agent", "probe_seed0", "probe_seed1", "steer_cheese", "steer_top_right", "steer_value_probe"):
-        assert f"[loop] {stage}: done in" in done.stdout, stage
+    # Kept aside: a later test reruns parts of this loop, which rewrites its report.
+    (base / "reference_report.md").write_text((base / "loop" / "report" / "report.md").read_text())
+    return base / "loop", done
+
+
+def test_the_maze_loop_runs_every_stage_and_writes_the_report(uninterrupted, tmp_path):
+    root, done = uninterrupted
+    config = tiny_maze_loop(root)
+    stages = ("agent", "probe_seed0", "probe_seed1", "steer_cheese", "steer_top_right", "steer_value_probe")
+    for k, stage in enumerate(stages, 1):
+        assert f"[loop] stage {k}/{len(stages)} {stage}: done in" in done.stdout, stage
         assert (root / "logs" / f"{stage}.log").is_file()
         run_file(root / stage / "wandb")  # exactly one offline W&B run per stage
+        assert json.loads((root / stage / "stage.json").read_text())["status"] == "done"
     report = (root / "report" / "report.md").read_text()
     for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: top_right", "## Steering: value_probe",
                     "per-maze cheese vector (`cheese`): the published effect", "per-maze top-right vector (`top_right`)",
@@ -74,10 +89,108 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(tmp_path):
     agent_only = {"root": config["root"], "agent": config["agent"]}
     again = run_loop(agent_only, tmp_path / "again.yaml")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[loop] agent: reusing" in again.stdout and "[loop] agent: done in" not in again.stdout
+    assert "[loop] stage 1/1 agent: skipped, finished earlier" in again.stdout and "agent: done in" not in again.stdout
     retrained = run_loop({"root": config["root"], "agent": {**config["agent"], "args": TINY_AGENT + ["--seed_everything=3"]}},
                          tmp_path / "other.yaml")
-    assert retrained.returncode == 0 and "[loop] agent: done in" in retrained.stdout, "other arguments train a new agent"
+    assert retrained.returncode == 0 and "agent: done in" in retrained.stdout, "other arguments train a new agent"
+    assert "[loop] stage 1/1 agent: rerun, its arguments changed since the earlier run" in retrained.stdout
+
+
+def _figures(report: Path, root: Path) -> list[str]:
+    """The report's lines without its wall times (the whole loop's and the agent's), paths made relative to the loop folder."""
+    return [line.replace(str(root), "<root>") for line in report.read_text().splitlines()
+            if not line.startswith("Regenerate everything") and not line.startswith("| wall_s |")]
+
+
+def _wait_for(proc: subprocess.Popen, lines: list[str], marker: str, timeout: float = 600) -> None:
+    import time
+
+    start = time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        if marker(line) if callable(marker) else marker in line:
+            return
+        assert time.time() - start < timeout, f"no {marker!r} in {timeout} s"
+    raise AssertionError(f"the loop ended before {marker!r}:\n{''.join(lines)[-3000:]}")
+
+
+def _survivors(root: Path) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", str(root)], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in found if "pgrep" not in line]
+
+
+def test_a_loop_stopped_during_a_probe_stage_resumes_to_the_same_report(uninterrupted, tmp_path):
+    import signal
+
+    reference, _ = uninterrupted
+    root = tmp_path / "loop"
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump(tiny_maze_loop(root)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "train.py", "loop", "-c", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    _wait_for(proc, lines, "stage 3/6 probe_seed1: python train.py")
+    # Stopped while the stage is busy: its run folder exists once its loggers are up.
+    for _ in range(600):
+        if list((root / "probe_seed1").glob("version_*/wandb_run_id")):
+            break
+        __import__("time").sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "loop stopped by SIGTERM" in stderr.strip().splitlines()[-1]
+    assert not _survivors(root), "a stage process outlived the loop"
+    assert json.loads((root / "probe_seed1" / "stage.json").read_text())["status"] == "running"
+    assert not (root / "report").exists()
+
+    again = run_loop(yaml.safe_load(path.read_text()), path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    for k, stage in ((1, "agent"), (2, "probe_seed0")):
+        assert f"[loop] stage {k}/6 {stage}: skipped, finished earlier" in again.stdout, stage
+    assert "[loop] stage 3/6 probe_seed1: redoing the interrupted run" in again.stdout
+    for k, stage in ((3, "probe_seed1"), (4, "steer_cheese"), (5, "steer_top_right"), (6, "steer_value_probe")):
+        assert f"[loop] stage {k}/6 {stage}: done in" in again.stdout, stage
+    assert _figures(root / "report" / "report.md", root) == _figures(reference.parent / "reference_report.md", reference)
+
+
+def test_a_training_stage_stopped_midway_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
+    import signal
+
+    import torch
+
+    root = tmp_path / "loop"
+    args = [a for a in TINY_AGENT if not a.startswith("--model.total_env_steps")] + ["--model.total_env_steps=16384"]
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump({"root": str(root), "agent": {"config": "configs/ppo/maze.yaml", "args": args}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "train.py", "loop", "-c", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    ckpt = root / "agent" / "version_0" / "checkpoints" / "last.ckpt"
+    for _ in range(1200):
+        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["innercritic"]["env_steps"] >= 2048:
+            break
+        __import__("time").sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert not _survivors(root)
+    stopped_at = torch.load(ckpt, weights_only=True)["innercritic"]["env_steps"]
+    assert 2048 <= stopped_at < 16384
+    run_id = (root / "agent" / "version_0" / "wandb_run_id").read_text().strip()
+
+    again = run_loop(yaml.safe_load(path.read_text()), path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[loop] stage 1/1 agent: resuming the interrupted run from" in again.stdout
+    assert sorted(p.name for p in (root / "agent").glob("version_*")) == ["version_0"], "one run folder: the same run"
+    summary = json.loads((root / "agent" / "version_0" / "summary.json").read_text())
+    assert summary["env_steps"] >= 16384
+    with open(root / "agent" / "version_0" / "metrics.csv") as f:
+        steps = [float(r["train/env_steps"]) for r in __import__("csv").DictReader(f) if r.get("train/env_steps")]
+    assert steps[0] == 256 and max(steps) >= 16384 and any(s > stopped_at for s in steps), "one history, continued"
+    assert (root / "agent" / "version_0" / "wandb_run_id").read_text().strip() == run_id
+    runs = list((root / "agent" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), "both parts are the same W&B run"
 
 
 def test_a_bad_loop_config_is_a_one_line_error(tmp_path):

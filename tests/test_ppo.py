@@ -64,9 +64,18 @@ def maze_run(tmp_path_factory) -> Path:
     # more final-evaluation episodes than the periodic validations (4): summary.json reports the final one;
     # one validation (after 1536 steps), so the run ends between validations as the default's does
     done = run_train(*MAZE, "--model.total_env_steps", "2048", *TINY, "--data.final_eval_episodes", "6",
-                     "--trainer.check_val_every_n_epoch", "3", root=root, wandb_silent=False)
+                     "--trainer.check_val_every_n_epoch", "3", "--trainer.enable_progress_bar", "true", root=root, wandb_silent=False)
     (root / "stderr.txt").write_text(done.stderr)
+    (root / "stdout.txt").write_text(done.stdout)
     return root
+
+
+def test_the_progress_bar_counts_env_steps_of_the_whole_run(maze_run):
+    updates = (maze_run / "stdout.txt").read_text().replace("\r", "\n").splitlines()
+    bars = [line for line in updates if " env steps/s" in line or " env steps" in line]
+    assert bars, "no progress line in env steps"
+    assert any("2048/2048" in line for line in bars), "the bar's total is the run's total_env_steps"
+    assert any("256/2048" in line for line in bars), "one bar over the whole run, not one per epoch"
 
 
 def test_a_fit_prints_no_third_party_noise(maze_run):
@@ -244,10 +253,13 @@ def test_killed_run_resumes_and_counters_continue(tmp_path):
     assert 0 < saved_steps < int(total)
 
     run_train(*MAZE, "--model.total_env_steps", "999", *TINY, "--ckpt_path", str(last), root=tmp_path)
-    resumed = tmp_path / "version_1"
-    rows = read_metrics(resumed)
+    resumed = tmp_path / "version_0"  # the same run folder: one history
+    assert sorted(p.name for p in tmp_path.glob("version_*")) == ["version_0"]
+    everything = column(read_metrics(resumed), "train/env_steps")
+    assert everything == sorted(set(everything)), "rows the killed run logged past its checkpoint are logged once, by the resumed run"
+    rows = [r for r in read_metrics(resumed) if r.get("train/env_steps") and float(r["train/env_steps"]) > saved_steps]
     steps = column(rows, "train/env_steps")
-    assert steps[0] == saved_steps + 256, "env-step counter restarted instead of continuing"
+    assert everything[0] == 256 and steps[0] == saved_steps + 256, "env-step counter restarted instead of continuing"
     # each rollout's schedules are set from the env steps before it (steps - 256): lr 2.5e-3 -> 0, entropy 0.03 -> 0.01
     frac = [1 - (s - 256) / int(total) for s in steps]
     assert column(rows, "train/lr") == pytest.approx([2.5e-3 * f for f in frac])
