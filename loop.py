@@ -315,7 +315,7 @@ def _pm(row: dict[str, Any], key: str) -> str:
 # Per vector source: the behaviours the literature reports, each as (metric, sign of the coefficient,
 # direction, what is done). Mini et al. 2023: subtracting the cheese vector makes the mouse ignore the
 # cheese at the decision square; adding the top-right vector sends it toward the top-right corner, and
-# subtracting it keeps the mouse away from the corner.
+# subtracting it keeps the mouse away from the corner; moving the cheese's representation retargets the mouse.
 EXPECTED_EFFECTS = {
     "cheese": [("p_decision_cheese", -1, "down", "Subtracting the per-maze cheese vector")],
     "cheese_averaged": [("p_decision_cheese", -1, "down", "Subtracting the cheese vector averaged over mazes")],
@@ -323,10 +323,12 @@ EXPECTED_EFFECTS = {
                   ("p_top_right", -1, "down", "Subtracting the per-maze top-right vector")],
     "top_right_averaged": [("p_decision_top_right", 1, "up", "Adding the top-right vector averaged over mazes"),
                            ("p_top_right", -1, "down", "Subtracting the top-right vector averaged over mazes")],
+    "retarget": [("p_target", 1, "up", "Adding the per-maze retargeting vector")],
 }
 METRIC_NAMES = {"p_decision_cheese": "P(first move toward the cheese at the decision square)",
                 "p_decision_top_right": "P(first move toward the top-right corner at the decision square)",
-                "p_cheese": "P(reach cheese)", "p_top_right": "P(reach the top-right corner)"}
+                "p_cheese": "P(reach cheese)", "p_top_right": "P(reach the top-right corner)",
+                "p_target": "P(reach the level's retargeting square)"}
 
 
 def steering_verdicts(scan: Sequence[dict[str, Any]]) -> list[str]:
@@ -493,7 +495,7 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
         if scan and scan[0].get("per_level"):
             lines += ["The vector is built in each maze played (that maze's own contrast pair, at the start); the random control "
                       "has, level by level, the same norm. `vector_norm` is the mean over the episodes.", ""]
-        metrics = [m for m in ("p_decision_cheese", "p_decision_top_right", "p_cheese", "p_top_right", "success", "kl", "value_change",
+        metrics = [m for m in ("p_decision_cheese", "p_decision_top_right", "p_target", "p_cheese", "p_top_right", "success", "kl", "value_change",
                                "n_decision", "vector_norm") if scan and m in scan[0]]
         lines += ["| source | coefficient | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
         for r in scan:

@@ -75,7 +75,11 @@ class NewRuns:
                 shutil.rmtree(root, ignore_errors=True)
                 continue
             for entry in set(self._entries(root)) - before:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                # A link (W&B's latest-run) is unlinked, never followed: rmtree refuses links, and its target is new too.
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
             if (root / "wandb").is_dir() and not any((root / "wandb").iterdir()):
                 (root / "wandb").rmdir()
 

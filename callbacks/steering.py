@@ -28,9 +28,10 @@ from callbacks.summary import run_dir
 from innercritic.errors import InnerCriticError
 
 # Panel order: what the protocol asks first. Rows lacking a metric (no maze) skip its panel.
-PLOT_METRICS = ("p_decision_cheese", "p_decision_top_right", "p_cheese", "p_top_right", "pi_decision_cheese", "pi_decision_top_right",
+PLOT_METRICS = ("p_decision_cheese", "p_decision_top_right", "p_target", "p_cheese", "p_top_right", "pi_decision_cheese", "pi_decision_top_right",
                 "success", "return", "length", "kl", "value_change")
 LABELS = {
+    "p_target": "P(reach the retargeting square)",
     "p_cheese": "P(reach cheese)",
     "p_top_right": "P(reach top-right corner)",
     "p_decision_cheese": "P(first move to cheese | at decision sq.)",

@@ -19,6 +19,9 @@ Vector sources (``vector_source``):
   every level, that maze with its cheese minus the same maze without, at the start; the random control
   is a Gaussian vector per level of that level's norm;
 - ``top_right``: the same per level, the maze minus the same maze with its top-right corner walled off;
+- ``retarget``: per level, the maze with its cheese moved to a target square minus the maze as it is:
+  added at coefficient 1 it moves the cheese's representation to the target; rows gain ``p_target``
+  (the mouse reached its level's target square);
 - ``cheese_averaged`` / ``top_right_averaged``: the contrast averaged over ``num_mazes`` other mazes of
   the scan's env distribution, one vector for every maze (the weaker variant);
 - ``file``: a vector saved by ``SteeringVector.save`` (every scan saves its own as ``steering_vector.pt``);
@@ -62,7 +65,8 @@ from innercritic.steering import (
 from innercritic.errors import InnerCriticError
 
 # Per-level contrasts (built in each maze played), their averages over other mazes, and fixed vectors.
-VECTOR_SOURCES = (*CONTRASTS, *(f"{c}_averaged" for c in CONTRASTS), "file", "probe", "mean_difference", "random")
+# (An average of retargeting vectors would mix every maze's own target square: it has no meaning.)
+VECTOR_SOURCES = (*CONTRASTS, "cheese_averaged", "top_right_averaged", "file", "probe", "mean_difference", "random")
 DEFAULT_COEFFICIENTS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0)
 
 
@@ -72,7 +76,7 @@ class SteeringScan(L.LightningModule):
     Args:
         agent_ckpt: PPO checkpoint of the agent to steer (written by ``train.py fit``).
         hook: hook point the vector is built at and added to (``model.hook_names`` lists them).
-        vector_source: where the vector comes from: cheese, top_right (per level), cheese_averaged, top_right_averaged, file, probe, mean_difference or random.
+        vector_source: where the vector comes from: cheese, top_right, retarget (per level), cheese_averaged, top_right_averaged, file, probe, mean_difference or random.
         vector_path: the file for ``file`` (a SteeringVector) and ``probe`` (weight and std tensors).
         coefficients: coefficients to scan; 0 is the unsteered agent.
         episodes: episodes per coefficient (each env's first episode, held-out levels).

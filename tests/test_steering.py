@@ -447,3 +447,27 @@ def test_cli_scan_writes_summary_rows_figures_and_wandb(agent, tmp_path):
     assert list(offline[0].glob("files/media/images/steer/*.png")), "no images logged to W&B"
     assert list(offline[0].glob("files/media/table/steer/*.table.json")), "no table logged to W&B"
     assert list(offline[0].glob("files/media/table/steer/plot/*p_cheese*.table.json")), "no line chart of p_cheese logged to W&B"
+
+
+def test_retargeting_at_the_input_moves_the_cheese_pixel_to_the_target_and_the_mouse_follows():
+    from innercritic.envs.factory import make_env
+    from innercritic.steering.vectors import target_square
+
+    agent = ObsAgent(5).eval()
+    env = make_env("maze", 4, seed=21, size=5, cheese="anywhere")
+    env.reset(seed=21)
+    vectors = LevelVectors("hook_obs", "retarget").build(agent, env, range(4))
+    for i in range(4):
+        target, cheese = target_square(env, i), tuple(env.cheese_pos[i])
+        assert target not in ((4, 0), (0, 4), cheese) and not env.walls(i)[target]
+        expected = torch.zeros(3, 5, 5)
+        expected[2, target[0], target[1]], expected[2, cheese[0], cheese[1]] = 1.0, -1.0
+        assert torch.equal(vectors[i], expected), "the cheese pixel moved to the target, nothing else"
+        assert target_square(env, i) == target, "the same level gives the same target"
+    env.close()
+    # At coefficient 1 the cheese-seeking agent sees the cheese on the target square and heads there (it
+    # ignores walls, so it does not always arrive), and finds the real cheese less often.
+    maze = {"size": 5, "cheese": "anywhere"}
+    rows = run_scan(agent, "maze", maze, LevelVectors("hook_obs", "retarget"), [0.0, 1.0], episodes=40, seed=4)
+    assert rows[1]["p_target_lo"] > rows[0]["p_target_hi"], rows
+    assert rows[1]["p_cheese"] < rows[0]["p_cheese"]

@@ -26,7 +26,8 @@ metric ``m`` comes with ``m_lo`` and ``m_hi``):
   move there heads for the cheese, or for the corner: the literature's metric; ``n_decision`` counts
   them) and ``pi_decision_cheese`` / ``pi_decision_top_right`` (the steered policy's probability of
   that move with the mouse placed on the decision square, over every maze that has one: the smoother
-  figure Mini et al. report).
+  figure Mini et al. report); with a ``retarget`` vector, ``p_target`` (the mouse stood on its level's
+  retargeting square at some step).
 
 A vector is a :class:`SteeringVector` (the same in every maze) or :class:`LevelVectors` (each maze's
 own contrast vector, built after its reset, as Mini et al. build the cheese vector); rows record
@@ -52,7 +53,7 @@ from innercritic.envs.episodes import run_episodes
 from innercritic.envs.factory import env_family
 from innercritic.envs.maze_values import decision_square, first_move_toward
 from innercritic.stats import normal_interval, wilson_interval
-from innercritic.steering.vectors import LevelVectors, SteeringVector, activation_shape, check_vector
+from innercritic.steering.vectors import LevelVectors, SteeringVector, activation_shape, check_vector, target_square
 from innercritic.errors import InnerCriticError
 
 __all__ = [
@@ -73,7 +74,7 @@ __all__ = [
 HELDOUT_SEED_OFFSET = 2_000_000_011
 POLICY = PolicyVersion("policy")  # scans sample the (steered) policy itself, no noise
 
-PROPORTION_METRICS = ("success", "p_cheese", "p_top_right", "p_decision_cheese", "p_decision_top_right")
+PROPORTION_METRICS = ("success", "p_cheese", "p_top_right", "p_decision_cheese", "p_decision_top_right", "p_target")
 MEAN_METRICS = ("return", "length", "kl", "value_change", "pi_decision_cheese", "pi_decision_top_right")
 
 
@@ -149,8 +150,12 @@ def play_episodes(
     interventions: Mapping[str, Any] | Steer | None = None,
     num_envs: int | None = None,
     trace: bool = False,
+    track_targets: bool = False,
 ) -> dict[str, Any]:
     """Play each env's first episode ``episodes`` times with ``interventions`` installed; per-episode arrays.
+
+    ``track_targets`` (maze) also records ``p_target``: whether the mouse stood on its level's
+    retargeting square (``vectors.target_square``) at some step.
 
     ``interventions`` is a mapping of hook name to intervention, installed as it is on every forward
     pass, or a :class:`Steer`, whose per-level vectors are built after each reset. The episodes are
@@ -188,6 +193,9 @@ def play_episodes(
         if is_maze:
             state["ds"], state["toward"], state["pi"] = _decision_squares(env, m, forward, device)
             state["first_move"] = np.full(env.num_envs, -1, np.int64)
+        if track_targets:
+            state["target"] = np.array([target_square(env, i) for i in range(env.num_envs)], np.int64)
+            state["on_target"] = np.zeros(env.num_envs, bool)
 
     def act(env: Any, obs: np.ndarray, pending: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         idx = np.flatnonzero(pending)
@@ -207,6 +215,8 @@ def play_episodes(
             first = state["first_move"]
             at = (state["toward"][idx, 0] >= 0) & (first[idx] < 0) & (env.mouse_pos[idx] == state["ds"][idx]).all(1)
             first[idx[at]] = action[idx[at]]
+        if track_targets:
+            state["on_target"][idx] |= (env.mouse_pos[idx] == state["target"][idx]).all(1)
         if trace:
             steps.append({"env": idx.copy(), "obs": obs[idx].copy(), "action": action[idx].copy()})
         return action, extras
@@ -215,7 +225,9 @@ def play_episodes(
         if not is_maze:
             return {}
         toward, first = state["toward"], state["first_move"]
-        return {"has_decision": toward[:, 0] >= 0, "reached_decision": first >= 0,
+        # Checked at the start of each step: a target first stood on by the last step of a cut episode is missed.
+        targets = {"p_target": state["on_target"]} if track_targets else {}
+        return {**targets, "has_decision": toward[:, 0] >= 0, "reached_decision": first >= 0,
                 "decision_cheese": (first >= 0) & (first == toward[:, 0]), "decision_top_right": (first >= 0) & (first == toward[:, 1]),
                 "pi_decision_cheese": state["pi"][:, 0], "pi_decision_top_right": state["pi"][:, 1]}
 
@@ -225,6 +237,8 @@ def play_episodes(
                               "kl": ep.get("sum/kl", zeros) / ep["length"], "value_change": ep.get("sum/value_change", zeros) / ep["length"]}
     if steer is not None:
         result["vector_norm"] = np.concatenate(norms)
+    if track_targets:
+        result["p_target"] = ep["p_target"]
     if is_maze:
         result.update(p_cheese=ep["success"], p_top_right=ep["top_right"],
                       **{k: ep[k] for k in ("has_decision", "reached_decision", "decision_cheese", "decision_top_right",
@@ -281,6 +295,8 @@ def summarise_episodes(episodes: Mapping[str, np.ndarray]) -> dict[str, Any]:
             put(f"pi_decision_{goal}", normal_interval(np.asarray(episodes[f"pi_decision_{goal}"])[has]))
         row["n_decision"] = int(reached.sum())
         row["n_decision_mazes"] = int(has.sum())
+    if "p_target" in episodes:
+        put("p_target", wilson_interval(int(np.sum(episodes["p_target"])), len(episodes["p_target"])))
     return row
 
 
@@ -324,7 +340,8 @@ def run_scan(
         # pass (for KL and value change) would only copy it: skip both. Tests check that an installed
         # coefficient-0 vector reproduces the same episodes bit for bit.
         steer = Steer(vector, c, pos)
-        result = play_episodes(agent, env_spec, env_kwargs, episodes, seed, steer if c != 0 else None, num_envs)
+        retarget = isinstance(vector, LevelVectors) and vector.contrast == "retarget"
+        result = play_episodes(agent, env_spec, env_kwargs, episodes, seed, steer if c != 0 else None, num_envs, track_targets=retarget)
         norm = float(np.mean(result["vector_norm"])) if "vector_norm" in result else (vector.norm if isinstance(vector, SteeringVector) else None)
         row = {"source": vector.source, "hook": vector.hook, "coefficient": c, "vector_norm": norm,
                "per_level": isinstance(vector, LevelVectors),

@@ -51,6 +51,7 @@ __all__ = [
     "averaged_vector",
     "check_vector",
     "contrast_observations",
+    "target_square",
     "mean_difference",
     "mean_difference_from_cache",
     "probe_direction",
@@ -58,7 +59,8 @@ __all__ = [
 ]
 
 FILE_KIND = "innercritic.steering_vector"
-CONTRASTS = ("cheese", "top_right")  # the contrast pairs a per-level vector can be built from
+CONTRASTS = ("cheese", "top_right", "retarget")  # the contrast pairs a per-level vector can be built from
+_TARGET_SALT = 0x7A7A_0003
 _WALLS, _CHEESE = 0, 2  # CheeseMaze observation channels (walls, mouse, cheese)
 FILE_VERSION = 1
 # Mazes for vectors are drawn from their own seed range, so a vector is never built on the very mazes
@@ -173,7 +175,11 @@ def contrast_observations(env: Any, rows: Sequence[int], contrast: str) -> tuple
       cheese vector);
     - ``top_right``: the maze as observed against the same maze with its top-right corner square walled
       off (their top-right vector: the corner's path present against absent; in a perfect maze walling
-      the corner square turns the path into a dead end and changes no other square).
+      the corner square turns the path into a dead end and changes no other square);
+    - ``retarget``: the maze with its cheese moved to the level's target square (:func:`target_square`)
+      against the maze as observed. Added, it moves the cheese's representation at the hook from where
+      the cheese is to the target (exactly so at the input; Mini et al. retarget by moving one
+      channel's activation, this moves every channel's response to the cheese).
 
     Only the observation is edited, never the env, so a contrast can be built in the maze being played.
     Returns two uint8 arrays (len(rows), 3, S, S): (first, second).
@@ -190,12 +196,28 @@ def contrast_observations(env: Any, rows: Sequence[int], contrast: str) -> tuple
     for k, i in enumerate(rows):
         if contrast == "cheese":
             second[k, _CHEESE] = 0
+        elif contrast == "retarget":
+            o = (size - env.maze_size(i)) // 2
+            r, c = target_square(env, i)
+            first[k, _CHEESE] = 0
+            first[k, _CHEESE, r + o, c + o] = 1
         else:
             n = env.maze_size(i)
             o = (size - n) // 2
             second[k, _WALLS, o, o + n - 1] = 1
             second[k, _CHEESE, o, o + n - 1] = 0  # a wall holds no cheese
     return first, second
+
+
+def target_square(env: Any, i: int) -> tuple[int, int]:
+    """The retargeting square of env ``i``'s current level: a free square, neither the start, the cheese
+    nor the top-right corner, drawn from the level seed (the same square in every scan of that level)."""
+    walls = env.walls(i)
+    n = walls.shape[0]
+    banned = {(n - 1, 0), (0, n - 1), tuple(int(v) for v in env.cheese_pos[i])}
+    squares = [(int(r), int(c)) for r, c in np.argwhere(~walls) if (int(r), int(c)) not in banned]
+    rng = np.random.default_rng([int(env.level_seeds[i]) % 2**63, _TARGET_SALT])
+    return squares[int(rng.integers(len(squares)))]
 
 
 @dataclass(eq=False)
@@ -210,7 +232,7 @@ class LevelVectors:
     """
 
     hook: str  # hook point the vectors are built at and added to
-    contrast: str  # "cheese" or "top_right" (CONTRASTS)
+    contrast: str  # "cheese", "top_right" or "retarget" (CONTRASTS)
     control_seed: int | None = None  # None: the contrast vectors; an int: per-level random vectors of matched norm
 
     def __post_init__(self) -> None:
