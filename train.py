@@ -42,8 +42,8 @@ from callbacks.progress import RunProgressBar
 from callbacks.summary import RunSummary
 from innercritic.errors import InnerCriticError, exit_on_user_error
 
-# What each stage needs the module to define; a module without it cannot run that command.
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # Lightning's names, not files
+# What each stage needs the module to define; a module without it cannot run that command.
 STAGE_STEPS = {"fit": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 
 

@@ -284,7 +284,7 @@ class RolloutDataModule(L.LightningDataModule):
         return Rollout(obs_buf, actions, logprobs, values, rewards, dones, next_value, self.tracker.pop())
 
     @torch.inference_mode()
-    def evaluate(self, agent: torch.nn.Module, episodes: int | None = None) -> dict[str, dict[str, float]]:
+    def evaluate(self, agent: torch.nn.Module, episodes: int | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
         """Run ``episodes`` episodes on each evaluation distribution with the sampled policy.
 
         Played by ``innercritic.envs.episodes.run_episodes``: every env counts exactly its first episode
@@ -304,7 +304,8 @@ class RolloutDataModule(L.LightningDataModule):
         results = {}
         for d, (name, overrides) in enumerate(self.eval_dists.items()):
             base = EVAL_SEED_OFFSET + 1_000_003 * d + self.rank * episodes
-            ep = run_episodes(self.env_spec, {**self.env_kwargs, **overrides}, episodes, base, self.eval_num_envs, act, device=device)
+            ep = run_episodes(self.env_spec, {**self.env_kwargs, **overrides}, episodes, base, self.eval_num_envs, act, device=device,
+                              progress=f"evaluation ({name})" if progress and self.rank == 0 else None)
             results[name] = {"return": float(ep["return"].mean()), "length": float(ep["length"].mean()), "success": float(ep["success"].mean())}
             if self.env_spec == "maze":
                 results[name]["p_cheese"] = results[name]["success"]

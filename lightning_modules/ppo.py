@@ -295,7 +295,7 @@ class PPO(L.LightningModule):
         if int(self.env_steps) == 0:  # nothing was trained (e.g. max_epochs=0 to load init_from): nothing to judge
             return
         dm = self.trainer.datamodule
-        results = dm.evaluate(self.agent, episodes=dm.final_eval_episodes)
+        results = dm.evaluate(self.agent, episodes=dm.final_eval_episodes, progress=self.trainer.progress_bar_callback is not None)
         self.final_eval_episodes = dm.final_eval_episodes * self.trainer.world_size
         for dist, figures in results.items():
             for what, value in figures.items():

@@ -360,7 +360,8 @@ class ValueProbe(L.LightningModule):
         env = dm.request["env"]
         return compare_planners(agent, env["spec"], env["kwargs"], sources, self.gamma,
                                 episodes=self.hparams.planning_episodes, seed=PLANNING_SEED_OFFSET + self.hparams.eval_seed,
-                                num_envs=min(100, self.hparams.planning_episodes))
+                                num_envs=min(100, self.hparams.planning_episodes),
+                                progress=self._trainer is not None and self._trainer.progress_bar_callback is not None)
 
     def _predictor(self, config: str, hook: str):
         w, b = self.linear_map(config, hook)

@@ -76,6 +76,8 @@ def test_the_progress_bar_counts_env_steps_of_the_whole_run(maze_run):
     assert bars, "no progress line in env steps"
     assert any("2048/2048" in line for line in bars), "the bar's total is the run's total_env_steps"
     assert any("256/2048" in line for line in bars), "one bar over the whole run, not one per epoch"
+    final = (maze_run / "stderr.txt").read_text().replace("\r", "\n")
+    assert "evaluation (train_dist)" in final and "6/6" in final, "the final evaluation shows its episodes"
 
 
 def test_a_fit_prints_no_third_party_noise(maze_run):

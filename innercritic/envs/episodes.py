@@ -16,6 +16,7 @@ but are not counted.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -41,6 +42,7 @@ def run_episodes(
     device: torch.device | str = "cpu",
     on_reset: Callable[[Any, int], None] | None = None,
     round_records: Callable[[], Mapping[str, np.ndarray]] | None = None,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-episode arrays, in episode order: ``return``, ``length``, ``success`` (terminated with a
     positive reward), ``top_right`` (the maze's mouse stood on the top-right corner), ``level_seed``
@@ -49,6 +51,7 @@ def run_episodes(
 
     ``on_reset(env, m)`` is called after each round's reset, ``m`` being the envs counted in it (a
     steered policy builds each level's vector there). The generator handed to ``act`` lives on ``device``.
+    ``progress`` names a bar (on stderr) counting the finished episodes of ``episodes``, for long runs.
     """
     for name, value in (("episodes", episodes), ("num_envs", num_envs)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -57,6 +60,11 @@ def run_episodes(
     env = make_env(env_spec, n, seed=seed, **dict(env_kwargs or {}))
     generator = torch.Generator(device=device).manual_seed(int(seed))
     rounds: list[dict[str, np.ndarray]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm  # a lazy import: a run without a bar never loads it
+
+        bar = tqdm(total=int(episodes), desc=progress, unit=" episodes", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
         for r in range(-(-episodes // n)):
             obs, _ = env.reset(seed=seed + r * n)
@@ -88,10 +96,14 @@ def run_episodes(
                     if "level_seed" in info:
                         out["level_seed"][finished] = np.asarray(info["level_seed"])[finished]
                     pending &= ~finished
+                    if bar is not None:
+                        bar.update(int(finished.sum()))
             out.update({f"sum/{name}": total for name, total in sums.items()})
             if round_records is not None:
                 out.update({k: np.asarray(v) for k, v in round_records().items()})
             rounds.append({k: v[:m] for k, v in out.items()})
     finally:
         env.close()
+        if bar is not None:
+            bar.close()
     return {k: np.concatenate([rd[k] for rd in rounds]) for k in rounds[0]}

@@ -331,8 +331,9 @@ def evaluate_planner(
     num_envs: int = 100,
     tie_break: str = "lowest",
     tie_tol: float = 1e-6,
+    progress: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``episodes`` episodes with the planner acting (deterministic given ``seed``).
+    """Run ``episodes`` episodes with the planner acting (deterministic given ``seed``; ``progress`` names a bar).
 
     Returns success, return and length with 95% intervals (``*_lo``, ``*_hi``: Wilson for rates,
     normal for means), on the maze also p_cheese and p_top_right, and with ``policy`` (the agent)
@@ -348,7 +349,7 @@ def evaluate_planner(
             return actions, {}
         return actions, {"agree": actions == logits.argmax(-1).cpu().numpy()}
 
-    ep = run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act)
+    ep = run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act, progress=progress)
     maze = env_spec == "maze"
     out = _summary(ep, maze)
     if policy is not None:
@@ -368,6 +369,7 @@ def _policy_rollout(
     num_envs: int,
     tie_break: str,
     tie_tol: float,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The sampled policy's episodes, with, at every visited state, whether each planner, the
     sampled action and a uniformly random action agree with the policy's argmax."""
@@ -385,7 +387,7 @@ def _policy_rollout(
             matches[f"source:{name}"] = planned == best
         return sampled, matches
 
-    return run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act, device=_device(agent))
+    return run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act, device=_device(agent), progress=progress)
 
 
 def agreement_on_policy_states(
@@ -420,8 +422,11 @@ def compare_planners(
     num_envs: int = 100,
     tie_break: str = "lowest",
     tie_tol: float = 1e-6,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per value source's planner, then a ``"policy"`` row and a ``"random"`` row.
+
+    ``progress`` shows a bar per row's episodes (on stderr).
 
     Keys: source, episodes, success, return, length, agree_policy_states, agree_own_states (each
     with ``_lo``/``_hi``, 95%), on the maze p_cheese and p_top_right too. Every row plays the same
@@ -434,7 +439,10 @@ def compare_planners(
         if reserved in sources:
             raise InnerCriticError(f"source name {reserved!r} is reserved for the reference rows; rename it")
     maze = env_spec == "maze"
-    on_policy = _policy_rollout(agent, env_spec, env_kwargs, sources, gamma, episodes, seed, num_envs, tie_break, tie_tol)
+    def bar(row: str) -> str | None:
+        return f"planning: {row}" if progress else None
+
+    on_policy = _policy_rollout(agent, env_spec, env_kwargs, sources, gamma, episodes, seed, num_envs, tie_break, tie_tol, bar("policy"))
     steps = on_policy["length"]
 
     def agree_cols(prefix: str, hits: np.ndarray, n: np.ndarray) -> dict[str, float]:
@@ -443,7 +451,7 @@ def compare_planners(
 
     rows = []
     for name, value_fn in sources.items():
-        res = evaluate_planner(env_spec, env_kwargs, value_fn, gamma, episodes, seed, agent, num_envs, tie_break, tie_tol)
+        res = evaluate_planner(env_spec, env_kwargs, value_fn, gamma, episodes, seed, agent, num_envs, tie_break, tie_tol, bar(name))
         row = {"source": name, **{k: v for k, v in res.items() if k != "per_episode" and not k.startswith("agree")}}
         row.update(agree_cols("agree_policy_states", on_policy[f"sum/source:{name}"], steps))
         row.update({k: v for k, v in res.items() if k.startswith("agree_own_states")})
@@ -461,7 +469,7 @@ def compare_planners(
         actions = torch.randint(logits.shape[-1], (len(obs),), generator=uniform).numpy()
         return actions, {"agree": actions == logits.argmax(-1).cpu().numpy()}
 
-    rand = run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act_random)
+    rand = run_episodes(env_spec, env_kwargs, episodes, seed, num_envs, act_random, progress=bar("random"))
     random_row = {"source": "random", **_summary(rand, maze)}
     random_row.update(agree_cols("agree_policy_states", on_policy["sum/random"], steps))
     random_row.update(agree_cols("agree_own_states", rand["sum/agree"], rand["length"]))
