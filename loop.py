@@ -200,9 +200,11 @@ def _request_parts(cmd: Sequence[str], inputs: Sequence[str | Path]) -> dict[str
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
-    runs = sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    ckpt = runs[-1] / "checkpoints" / "last.ckpt" if runs else None
-    return ckpt if ckpt is not None and ckpt.is_file() else None
+    """The newest run's last.ckpt under ``folder``, None when there is none (a run stopped before its first)."""
+    if not any(folder.glob("version_*")):
+        return None
+    ckpt = _latest_run(folder) / "checkpoints" / "last.ckpt"
+    return ckpt if ckpt.is_file() else None
 
 
 class StageCrash(RuntimeError):

@@ -48,11 +48,10 @@ def user_error(err: BaseException) -> InnerCriticError | None:
     return None
 
 
-def exit_on_user_error(fn: Callable[[], T], cleanup: Callable[[], None] | None = None) -> T:
+def exit_on_user_error(fn: Callable[[], T]) -> T:
     """``fn()``; a user error becomes one ``error: <message>`` line on stderr and exit status 2.
 
-    ``cleanup`` runs first (e.g. removing the run folder the failed command had started). Anything
-    that is not a user error keeps its traceback; so does a user error when ``INNERCRITIC_TRACEBACK``
+    Anything that is not a user error keeps its traceback; so does a user error when ``INNERCRITIC_TRACEBACK``
     is set.
     """
     try:
@@ -61,8 +60,6 @@ def exit_on_user_error(fn: Callable[[], T], cleanup: Callable[[], None] | None =
         user = user_error(err)
         if user is None:
             raise
-        if cleanup is not None:
-            cleanup()
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         message = " ".join(str(user).split())  # one line, whatever the message held

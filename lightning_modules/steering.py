@@ -56,7 +56,7 @@ from innercritic.steering import (
     activation_shape,
     averaged_vector,
     check_coefficients,
-    check_vector,
+    check_steering,
     mean_difference_from_cache,
     probe_direction,
     random_like,
@@ -167,16 +167,12 @@ class SteeringScan(L.LightningModule):
         check_env_compatible({**env_info, "obs_shape": list(agent.obs_shape), "num_actions": agent.num_actions}, current, "the agent")
         activation_shape(agent, hp.hook)  # an unknown hook fails here, naming the valid ones
         vector = self._build_vector()
-        if isinstance(vector, LevelVectors):
-            check_vector(agent, torch.zeros(activation_shape(agent, hp.hook)), hp.hook, hp.positions)
-            self.vectors = [vector] + ([vector.control(hp.control_seed)] if hp.random_control else [])
-            return
-        if hp.vector_norm is not None:
+        if hp.vector_norm is not None:  # never set for a per-level source (refused in __init__)
             vector = vector.scaled_to(hp.vector_norm)
-        check_vector(agent, vector.tensor, hp.hook, hp.positions)
+        check_steering(agent, vector, hp.positions)
         self.vectors = [vector]
         if hp.random_control:
-            self.vectors.append(random_like(vector, hp.control_seed))
+            self.vectors.append(vector.control(hp.control_seed) if isinstance(vector, LevelVectors) else random_like(vector, hp.control_seed))
 
     def _build_vector(self) -> SteeringVector | LevelVectors:
         hp = self.hparams

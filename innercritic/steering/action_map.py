@@ -28,7 +28,7 @@ from innercritic.agents.hooks import AddVector, HookedModule
 from innercritic.envs.factory import make_env
 from innercritic.envs.maze_values import ACTION_DELTAS, decision_square, free_squares
 from innercritic.steering.scan import HELDOUT_SEED_OFFSET
-from innercritic.steering.vectors import LevelVectors, SteeringVector, activation_shape, check_vector
+from innercritic.steering.vectors import LevelVectors, SteeringVector, check_steering
 
 __all__ = ["ActionMap", "action_map", "action_map_figure", "draw_action_map"]
 
@@ -119,8 +119,7 @@ def action_map_figure(
     """
     from matplotlib.figure import Figure  # a lazy import: scans that draw nothing never load matplotlib
 
-    per_level = isinstance(vector, LevelVectors)
-    check_vector(agent, torch.zeros(activation_shape(agent, vector.hook)) if per_level else vector.tensor, vector.hook, positions)
+    check_steering(agent, vector, positions)
     pos = None if positions is None else [tuple(int(v) for v in p) for p in positions]
     base = HELDOUT_SEED_OFFSET + int(seed)
     env = make_env("maze", 1, seed=base, **dict(env_kwargs or {}))
@@ -133,7 +132,7 @@ def action_map_figure(
             if decision is not None:
                 break
         device = next(agent.parameters()).device
-        tensor = vector.build(agent, env, [0])[0] if per_level else vector.tensor
+        tensor = vector.build(agent, env, [0])[0] if isinstance(vector, LevelVectors) else vector.tensor
         steer = {vector.hook: AddVector(tensor.to(device), coeff=float(coefficient), positions=pos)}
         plain = action_map(agent, env, 0)
         steered = action_map(agent, env, 0, steer)

@@ -53,7 +53,7 @@ from innercritic.envs.episodes import run_episodes
 from innercritic.envs.factory import env_family
 from innercritic.envs.maze_values import decision_square, first_move_toward
 from innercritic.stats import normal_interval, wilson_interval
-from innercritic.steering.vectors import LevelVectors, SteeringVector, activation_shape, check_vector, target_square
+from innercritic.steering.vectors import LevelVectors, SteeringVector, check_steering, target_square
 from innercritic.errors import InnerCriticError
 
 __all__ = [
@@ -329,10 +329,7 @@ def run_scan(
         if family != "maze":
             raise InnerCriticError(f"a per-level {vector.contrast!r} vector needs the cheese maze (env 'maze'); {env_spec!r} has no cheese or corner "
                              "to contrast: use a fixed vector (file, probe, mean_difference or random)")
-        shape = activation_shape(agent, vector.hook)
-        check_vector(agent, torch.zeros(shape), vector.hook, positions)
-    else:
-        check_vector(agent, vector.tensor, vector.hook, positions)
+    check_steering(agent, vector, positions)
     pos = None if positions is None else [tuple(int(v) for v in p) for p in positions]
     rows = []
     for i, c in enumerate(coefficients):

@@ -49,6 +49,7 @@ __all__ = [
     "CONTRASTS",
     "LevelVectors",
     "averaged_vector",
+    "check_steering",
     "check_vector",
     "contrast_observations",
     "target_square",
@@ -270,6 +271,13 @@ class LevelVectors:
                 noise = torch.randn(vectors.shape[1:], generator=generator, dtype=torch.float64)
                 vectors[k] = noise * (float(vectors[k].norm()) / float(noise.norm()))
         return vectors.float()
+
+
+def check_steering(agent: HookedModule, vector: "SteeringVector | LevelVectors", positions: Sequence[Sequence[int]] | None = None) -> tuple[int, ...]:
+    """:func:`check_vector` for either kind of vector; a per-level vector has its hook's shape by
+    construction, so only its hook and ``positions`` are checked. Returns the activation shape."""
+    tensor = torch.zeros(activation_shape(agent, vector.hook)) if isinstance(vector, LevelVectors) else vector.tensor
+    return check_vector(agent, tensor, vector.hook, positions)
 
 
 def averaged_vector(
