@@ -91,12 +91,15 @@ class NewRuns:
 class _KeepingWriter(ExperimentWriter):
     """CSVLogger's writer, continuing an existing ``metrics.csv`` instead of deleting it (a resumed run).
 
-    Rows past ``keep_until_step`` (logged after the checkpoint the run resumes from, by the run that was
-    stopped) are dropped, since the resumed run logs those steps again.
+    Rows of epochs after ``keep_until_epoch`` (logged after the checkpoint the run resumes from, by the
+    run that was stopped) are dropped, since the resumed run logs them again. The epoch, not the step,
+    decides: a training step logs under the global step it started at, so the row of the step that
+    followed the checkpoint carries the checkpoint's own step, while the validation rows of the
+    checkpoint's epoch carry it too and must stay.
     """
 
-    def __init__(self, log_dir: str, keep_until_step: int | None) -> None:
-        self.keep_until_step = keep_until_step
+    def __init__(self, log_dir: str, keep_until_epoch: int | None) -> None:
+        self.keep_until_epoch = keep_until_epoch
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -106,8 +109,8 @@ class _KeepingWriter(ExperimentWriter):
             reader = csv.DictReader(file)
             self.metrics_keys = sorted(reader.fieldnames or [])
             rows = list(reader)
-        if self.keep_until_step is not None:
-            kept = [r for r in rows if not r.get("step") or float(r["step"]) <= self.keep_until_step]
+        if self.keep_until_epoch is not None:
+            kept = [r for r in rows if not r.get("epoch") or float(r["epoch"]) <= self.keep_until_epoch]
             with self._fs.open(self.metrics_file_path, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
                 writer.writeheader()
@@ -117,45 +120,43 @@ class _KeepingWriter(ExperimentWriter):
 class ResumableCSVLogger(CSVLogger):
     """A CSVLogger whose given ``version`` continues that folder's metrics.csv: one history per run."""
 
-    def __init__(self, *args: Any, keep_until_step: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep_until_epoch: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.keep_until_step = keep_until_step
+        self.keep_until_epoch = keep_until_epoch
 
     @property
     @rank_zero_experiment  # as CSVLogger's own: the other DDP ranks get a dummy and write nothing
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(self.log_dir, self.keep_until_step)
+            self._experiment = _KeepingWriter(self.log_dir, self.keep_until_epoch)
         return self._experiment
 
 
-def resumed_version(root: str | Path, ckpt_path: str | None) -> tuple[int, int] | None:
-    """(N, the checkpoint's global step) when ``ckpt_path`` lies in ``root/version_N/checkpoints/`` (a run
-    resumed in place), else None."""
+def resumed_version(root: str | Path, ckpt_path: str | None, epoch: int) -> tuple[int, int] | None:
+    """(N, ``epoch``) when ``ckpt_path`` lies in ``root/version_N/checkpoints/`` (a run resumed in place;
+    ``epoch`` is the checkpoint's), else None."""
     if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
         return None
     ckpt = Path(ckpt_path).resolve()
     run = ckpt.parent.parent
     if ckpt.parent.name == "checkpoints" and run.parent == Path(root).resolve() and re.fullmatch(r"version_\d+", run.name):
-        from innercritic.agents.checkpoint import read_checkpoint
-
-        return int(run.name.split("_")[1]), int(read_checkpoint(ckpt).get("global_step", 0))
+        return int(run.name.split("_")[1]), int(epoch)
     return None
 
 
 def default_loggers(root: str, project: str = "innercritic", resume: tuple[int, int] | None = None) -> list:
     """A CSV copy of every scalar (it also names the run folder) and the W&B run beside it.
 
-    ``resume`` (version N, global step) continues that run folder: its metrics.csv goes on from the
-    checkpoint's step, and the W&B run keeps the id stored in the folder's ``wandb_run_id``, so the
+    ``resume`` (version N, epoch) continues that run folder: its metrics.csv goes on after the
+    checkpoint's epoch, and the W&B run keeps the id stored in the folder's ``wandb_run_id``, so the
     curves are one history.
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     os.makedirs(root, exist_ok=True)
-    version, step = resume if resume is not None else (None, None)
-    csv_logger = ResumableCSVLogger(save_dir=root, name="", version=version, keep_until_step=step)
+    version, epoch = resume if resume is not None else (None, None)
+    csv_logger = ResumableCSVLogger(save_dir=root, name="", version=version, keep_until_epoch=epoch)
     run_id = None
     if rank_zero_only.rank == 0:  # the other DDP ranks log nothing, and must not claim a version folder of their own
         run_dir = Path(csv_logger.log_dir)
@@ -201,6 +202,7 @@ class InnerCriticCLI(LightningCLI):
 
     def __init__(self, *args: Any, new_runs: NewRuns | None = None, **kwargs: Any) -> None:
         self.new_runs = new_runs or NewRuns()
+        self.ckpt_epoch = 0  # of --ckpt_path, read once while checking it
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any):
@@ -215,7 +217,8 @@ class InnerCriticCLI(LightningCLI):
         root = config.get("default_root_dir") or "runs"
         self.new_runs.watch(root)
         if config.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(root, resume=resumed_version(root, self._get(self.config_init, "ckpt_path")))
+            resume = resumed_version(root, self._get(self.config_init, "ckpt_path"), self.ckpt_epoch)
+            kwargs["logger"] = default_loggers(root, resume=resume)
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             kwargs["callbacks"] = callbacks + [RunProgressBar()]  # totals and ETA over the whole run
@@ -241,7 +244,8 @@ class InnerCriticCLI(LightningCLI):
         if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
             model = self.config[subcommand].get("model")
             class_path = model.get("class_path") if hasattr(model, "get") else None
-            check_checkpoint_kind(ckpt_path, _import(class_path) if class_path else None)
+            ckpt = check_checkpoint_kind(ckpt_path, _import(class_path) if class_path else None)
+            self.ckpt_epoch = int(ckpt.get("epoch", 0)) if isinstance(ckpt, dict) else 0
         super()._parse_ckpt_path()
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -264,15 +268,18 @@ def _import(class_path: str) -> type | None:
         return None  # jsonargparse names a bad class_path itself
 
 
-def check_checkpoint_kind(path: str | Path, model_class: type | None) -> None:
-    """A one-line error, naming the file, when ``path`` cannot be read or was written by another kind of module."""
+def check_checkpoint_kind(path: str | Path, model_class: type | None) -> Any:
+    """The checkpoint at ``path``; a one-line error, naming the file, when it cannot be read or was
+    written by another kind of module."""
     from innercritic.agents.checkpoint import describe_checkpoint, read_checkpoint
 
-    got = describe_checkpoint(read_checkpoint(path))
+    ckpt = read_checkpoint(path)
+    got = describe_checkpoint(ckpt)
     needs = getattr(model_class, "CHECKPOINT_KIND", None)
     if needs is not None and got != needs:
         raise InnerCriticError(f"checkpoint {str(path)!r} is {got}, but {model_class.__name__} needs {needs}: "
                                "pass a checkpoint that a `train.py fit` of the same kind of module wrote")
+    return ckpt
 
 
 def main(args: list[str] | None = None) -> InnerCriticCLI:

@@ -373,3 +373,23 @@ def test_ppo_loss_clips_the_surrogate_and_the_value_as_written_by_hand():
     # normalised advantages have mean 0: at ratio 1 the surrogate is 0
     _, parts = ppo_loss(agent, obs, actions, logp.detach(), old_values, adv, returns, **{**kw, "norm_adv": True})
     assert parts["pg_loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_resumed_csv_log_keeps_the_checkpoints_epochs_and_drops_later_rows(tmp_path):
+    # As Lightning logs a run: a training row carries the global step its step started at, so the row of the
+    # step after a checkpoint at epoch 0 (global step 2) has step 2 too, beside epoch 0's validation row.
+    from train import ResumableCSVLogger
+
+    run = tmp_path / "version_0"
+    run.mkdir()
+    rows = [(0, 0, "256"), (1, 0, "512"), (2, 0, ""), (2, 1, "768"), (3, 1, "1024")]
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "step", "train/env_steps", "val/success"])
+        writer.writeheader()
+        writer.writerows({"epoch": e, "step": s, "train/env_steps": v, "val/success": "" if v else "0.5"} for s, e, v in rows)
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="", version=0, keep_until_epoch=0)
+    logger.log_metrics({"train/env_steps": 768.0, "epoch": 1}, step=2)
+    logger.save()
+    kept = read_metrics(run)
+    assert [(r["step"], r["train/env_steps"], r["val/success"]) for r in kept] == [
+        ("0", "256", ""), ("1", "512", ""), ("2", "", "0.5"), ("2", "768.0", "")], "epoch 0 kept whole, epoch 1 logged once"
