@@ -38,8 +38,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from innercritic.probing.evaluate import aggregate
-from innercritic.cache.format import file_sha256
+from innercritic.cache.format import file_sha256, jsonable, write_json_atomic
+from innercritic.probing.findings import probe_findings
 from innercritic.errors import InnerCriticError, MissingFileError, exit_on_user_error
 
 __all__ = ["main", "run_loop", "steering_verdicts", "write_report"]
@@ -308,12 +308,6 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "-"
 
 
-def _pm(row: dict[str, Any], key: str) -> str:
-    if key not in row or not isinstance(row[key], (int, float)) or not math.isfinite(row[key]):
-        return "-"
-    return f"{row[key]:.3f} ± {row.get(key + '_std', 0.0):.3f}"
-
-
 # Per vector source: the behaviours the literature reports, each as (metric, sign of the coefficient,
 # direction, what is done). Mini et al. 2023: subtracting the cheese vector makes the mouse ignore the
 # cheese at the decision square; adding the top-right vector sends it toward the top-right corner, and
@@ -386,23 +380,6 @@ def _verdict(scan: Sequence[dict[str, Any]], source: str, metric: str, sign: int
     return f"{action} (`{source}`): the published effect {verdict}: {evidence}."
 
 
-CLOSED_FORMS = {"probe:mc": "ridge", "probe:td": "lstd"}
-
-
-def closed_form_gaps(tables: Sequence[Sequence[dict[str, Any]]], version: str) -> dict[str, dict[str, float]]:
-    """``{"probe:mc vs ridge": {hook: gap}, ...}``: per hook point, the largest |R² against returns| difference
-    between an SGD probe and its closed form over the seeds' tables (the probe's convergence check)."""
-    out: dict[str, dict[str, float]] = {}
-    for probe, closed in CLOSED_FORMS.items():
-        for table in tables:
-            r2 = {(r["source"], r["hook"]): r["r2_return"] for r in table if r["version"] == version}
-            for (source, hook), value in r2.items():
-                if source == probe and (closed, hook) in r2:
-                    per_hook = out.setdefault(f"{probe} vs {closed}", {})
-                    per_hook[hook] = max(per_hook.get(hook, 0.0), abs(value - r2[(closed, hook)]))
-    return out
-
-
 def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], steer_runs: dict[str, Path],
                  commands: dict[str, str], timings: dict[str, float], wall_s: float, config_path: str) -> Path:
     """report.md and report/figures/ from the stages' summary.json files and figures."""
@@ -426,55 +403,11 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
     if not summaries:
         path = out / "report.md"
         path.write_text("\n".join(lines) + "\n")
+        write_json_atomic(out / "summary.json", {"stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+                                                 "loop_seconds": round(wall_s, 1)})
         return path
-    table = aggregate([s["table"] for s in summaries])
-    hook = summaries[0]["hook"]
-    policy = table[0]["version"] if table else "policy"
-    seeds = len(summaries)
-    lines += ["## Value probes", "",
-              f"Hook point headlined: `{hook}`; {seeds} seed(s) (episode split, initialisation, random floors); "
-              f"mean ± standard deviation over seeds, on the test episodes of the policy (`{policy}`).", "",
-              "Commands: " + "; ".join(f"`{commands[k]}`" for k in commands if k.startswith("probe_")), "",
-              "| source | hook | R² return | R² exact | Spearman return | TD error / Var(v) | calib. episodes |",
-              "|---|---|---|---|---|---|---|"]
-    order = {"probe": 0, "ridge": 1, "lstd": 2, "critic": 3}
-    rows = [r for r in table if r["version"] == policy and r["hook"] in (hook, None)]
-    rows.sort(key=lambda r: (order.get(r["source"].split(":")[0], 4), r["source"]))
-    for r in rows:
-        lines.append(f"| {r['source']} | {r['hook'] or '-'} | {_pm(r, 'r2_return')} | {_pm(r, 'r2_exact')} | "
-                     f"{_pm(r, 'spearman_return')} | {_pm(r, 'td_error')} | {_fmt(r.get('labelled_episodes'), 0)} |")
-    lines += ["", "Per seed (R² against returns on the policy's test episodes; figures over states weigh each episode by "
-              "its length, so the few episodes the step limit cuts can hold much of a test split):", "",
-              f"| probe run | probe:{summaries[0]['probe_config']} | critic | test episodes | cut by the step limit | "
-              "their share of the test states |", "|---|---|---|---|---|---|"]
-    for run, summary in zip(probe_runs, summaries):
-        comp = (summary.get("test_split") or {}).get(policy)
-        split = ([str(comp["episodes"]), str(comp["cut_episodes"]), _fmt(comp["states_in_cut"] / max(1, comp["states"]), 2)]
-                 if comp else ["-"] * 3)
-        lines.append(f"| {run.parent.name} | {_fmt(summary.get('probe/r2_return'))} | {_fmt(summary.get('critic/r2_return'))} | "
-                     + " | ".join(split) + " |")
-    lines += ["", "Per layer (R² against returns, mean over seeds):", ""]
-    hooks = list(dict.fromkeys(r["hook"] for r in table if r["hook"] is not None))
-    sources = list(dict.fromkeys(r["source"] for r in table if r["hook"] is not None))
-    lines += ["| source | " + " | ".join(h.split(".", 1)[-1] for h in hooks) + " |", "|---|" + "---|" * len(hooks)]
-    for source in sources:
-        cells = []
-        for h in hooks:
-            r = next((x for x in table if x["source"] == source and x["hook"] == h and x["version"] == policy), None)
-            cells.append(_fmt(r.get("r2_return")) if r else "-")
-        lines.append(f"| {source} | " + " | ".join(cells) + " |")
-    gaps = closed_form_gaps([s["table"] for s in summaries], policy)
-    if gaps:
-        lines += ["", "SGD probes against their closed forms (largest |R² probe - R² closed form| over the seeds, "
-                  "against returns; issue 5 asks for at most 0.02):", ""]
-        lines += ["| probe vs closed form | " + " | ".join(h.split(".", 1)[-1] for h in hooks) + " |", "|---|" + "---|" * len(hooks)]
-        for pair, per_hook in gaps.items():
-            lines.append(f"| {pair} | " + " | ".join(_fmt(per_hook.get(h), 4) for h in hooks) + " |")
-    dom = [r for r in table if r["source"].startswith("probe:") and r["hook"] == hook and "dominance" in r]
-    if dom:
-        lines += ["", "Dominance accuracy (fraction of test states where the policy's head exceeds the noisy version's):", ""]
-        lines += ["| probe | version | dominance |", "|---|---|---|"]
-        lines += [f"| {r['source']} | {r['version']} | {_pm(r, 'dominance')} |" for r in dom]
+    probe_lines, results = probe_findings(summaries, [run.parent.name for run in probe_runs], commands)
+    lines += probe_lines
     first_figs = probe_runs[0] / "figures"
     for name in ("probe_vs_return", "value_traces", "per_layer", "planning"):
         if (first_figs / f"{name}.png").is_file():
@@ -482,11 +415,15 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
             lines += ["", f"![{name}](figures/{name}.png)", f"Regenerate: `{commands.get(probe_runs[0].parent.name, '')}`"]
     planning = summaries[0].get("planning")
     if planning:
-        lines += ["", "## Planning (one-step lookahead)", "", "| source | success | 95% interval | return | agreement with the policy (policy's states) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Planning (one-step lookahead)", "", f"On {planning[0].get('episodes', '?')} held-out levels of the "
+                  "cache's distribution. The `exact` row plans on the exact value of the policy: it validates the planner (it "
+                  "must reach the cheese nearly always), so a value source that fails where it succeeds fails on its own.", "",
+                  "| source | success | 95% interval | return | agreement with the policy (policy's states) |", "|---|---|---|---|---|"]
         for r in planning:
             lines.append(f"| {r['source']} | {_fmt(r['success'])} | [{_fmt(r['success_lo'])}, {_fmt(r['success_hi'])}] | "
                          f"{_fmt(r.get('return'))} | {_fmt(r.get('agree_policy_states'))} |")
+            name = r["source"].split(":")[0] if r["source"].startswith("probe:") else r["source"]
+            results.setdefault("planning", {})[name] = {"success": r["success"], "success_ci": [r["success_lo"], r["success_hi"]]}
 
     for name, run in steer_runs.items():
         s = json.loads((run / "summary.json").read_text())
@@ -509,6 +446,8 @@ def write_report(root: Path, agent_run: Path | None, probe_runs: list[Path], ste
             lines += ["", f"![{png.stem}](figures/{target.name})", f"Regenerate: `{commands.get('steer_' + name, '')}`"]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    write_json_atomic(out / "summary.json", jsonable({"stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+                                                      "loop_seconds": round(wall_s, 1), **results}))
     return path
 
 

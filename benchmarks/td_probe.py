@@ -39,7 +39,7 @@ from _report import machine, report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from loop import closed_form_gaps  # noqa: E402  (the loop report's convergence check)
+from innercritic.probing.findings import closed_form_gaps  # noqa: E402  (the loop report's convergence check)
 
 SETTINGS = {
     "minibatch": ["--data.batch_size=512", "--trainer.max_epochs=12", "--trainer.check_val_every_n_epoch=1"],
@@ -57,7 +57,7 @@ def run(agent_ckpt: str, cache_dir: str, seed: int, extra: list[str], root: Path
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "-c", str(ROOT / "configs/probe/maze.yaml"),
            f"--data.agent_ckpt={agent_ckpt}", f"--data.cache_dir={cache_dir}", f"--seed_everything={seed}",
            f"--data.split_seed={seed}", f"--model.eval_seed={seed}", f"--trainer.default_root_dir={root}",
-           "--model.configs={mc: {mc: 1.0}, td: {td: 1.0}}", "--trainer.enable_progress_bar=false",
+           "--model.configs={mc: {mc: 1.0}, td: {td: 1.0}}", "--model.solver=sgd", "--model.sgd_hooks=null", "--trainer.enable_progress_bar=false",
            "--data.progress=false", *extra]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})

@@ -131,7 +131,7 @@ def export_probes(pl_module: L.LightningModule, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for config in pl_module.loss_configs:
-        for hook in pl_module.hooks:
+        for hook in pl_module.hooks_of(config):
             w, b = pl_module.linear_map(config, hook)
             tag = hook.replace(".", ":")
             payload = {"weight": w.cpu(), "bias": b.cpu(), "mean": getattr(pl_module, f"mean@{tag}").cpu(),

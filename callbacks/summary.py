@@ -8,7 +8,6 @@ the resolved hyperparameters of the module and the datamodule.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; None reads as "not measured"
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return _jsonable(value.item())
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+from innercritic.cache.format import jsonable
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -59,9 +46,9 @@ class RunSummary(L.Callback):
         config["trainer"] = {"world_size": trainer.world_size, "max_epochs": trainer.max_epochs, "precision": str(trainer.precision)}
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(_jsonable({**figures, "config": config}), indent=2))
+        tmp.write_text(json.dumps(jsonable({**figures, "config": config}), indent=2))
         os.replace(tmp, out / "summary.json")
         for logger in trainer.loggers:  # W&B keeps them as run summary too
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "summary"):
-                experiment.summary.update({k: v for k, v in _jsonable(figures).items() if isinstance(v, (int, float))})
+                experiment.summary.update({k: v for k, v in jsonable(figures).items() if isinstance(v, (int, float))})

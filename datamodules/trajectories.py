@@ -141,7 +141,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self,
         agent_ckpt: str,  # PPO agent checkpoint (train.py fit output) whose policy is collected
         cache_dir: str,  # folder of the trajectory cache; built there when it holds none
-        hook_points: list[str] | None = None,  # hook points whose activations are stored; None: the actor tower's
+        hook_points: list[str] | None = None,  # hook points whose activations are stored; None: those of `towers`
+        towers: str | list[str] = "encoder",  # with hook_points None: "encoder" (the policy's), "critic_encoder", a list, or "all"
         hooks: list[str] | None = None,  # hook points the batches serve (a subset of hook_points); None: all of them
         versions: tuple[str, ...] = ("policy", "eps:0.25", "eps:0.5"),  # policy versions: "policy", "eps:E", "temp:T", "eps:E,temp:T"
         episodes_per_version: int = 200,  # episodes collected for each version
@@ -187,7 +188,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.request = make_request(
             self.agent, self.env_info, versions=versions, episodes_per_version=episodes_per_version,
             hook_points=hook_points, gamma=gamma, activation_dtype=activation_dtype, env_overrides=env_overrides,
-            seed=collect_seed, num_envs=num_envs, episodes_per_shard=episodes_per_shard)
+            seed=collect_seed, num_envs=num_envs, episodes_per_shard=episodes_per_shard, towers=towers)
         self.hook_points: list[str] = list(self.request["hook_points"])
         hooks = [hooks] if isinstance(hooks, str) else hooks
         self.hooks: list[str] = list(self.hook_points if hooks is None else hooks)

@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from innercritic.agents.checkpoint import describe_checkpoint, read_checkpoint
 from innercritic.agents.networks import ActorCritic
+from innercritic.probing.closed_form import fit_quadratic
 from innercritic.probing.evaluate import Split, calibrated, evaluation_table, fit_ceilings, hook_features, split_composition
-from innercritic.probing.planning import compare_planners, critic_value_fn, probe_value_fn
+from innercritic.probing.planning import compare_planners, critic_value_fn, exact_value_fn, probe_value_fn
 from innercritic.probing.losses import LossConfig, probe_loss_terms
 from innercritic.errors import InnerCriticError
 
@@ -41,6 +42,7 @@ __all__ = ["ValueProbe", "PROBE_KIND"]
 PROBE_KIND = "innercritic-value-probe"
 SLACK_HEADS = ("state", "linear")
 PENALTIES = ("match", "none")
+SOLVERS = ("closed_form", "sgd")
 # Planning plays levels no collection seed reaches (collections draw seeds below 2**30).
 PLANNING_SEED_OFFSET = 1_500_000_001
 
@@ -71,11 +73,20 @@ class ValueProbe(L.LightningModule):
         reward_range: (min, max) reward of the environment; the bounds term uses [min, max] / (1 - gamma).
         lr: Adam learning rate.
         weight_decay: Adam weight decay on the heads.
-        primary_hook: the hook point whose figures headline the summary; None: the last served hook point.
+        primary_hook: the hook point whose figures headline the summary; None: the last served hook point
+            outside the critic tower.
         eval_seed: seed of the evaluation's random floors (random direction, random network).
         penalty: ``match`` gives each supervised probe the L2 strength its closed-form counterpart chose on the
             calibration split (ridge's for ``mc``, LSTD's for ``td``; one per hook point), so the SGD
             probe converges to that regularised optimum rather than overfitting a wide layer; ``none``: no penalty.
+        solver: ``closed_form`` solves every configuration made of td and mc terms only exactly at setup
+            (:func:`~innercritic.probing.closed_form.fit_quadratic`, at the penalties of ``penalty``) and
+            freezes its heads, so the training steps fit only the other configurations (label-free ones);
+            ``sgd`` fits every configuration with Adam (to check SGD against the closed form:
+            ``benchmarks/td_probe.py``).
+        sgd_hooks: the hook points at which the configurations left to SGD get heads (closed-form ones get
+            them everywhere); None: every served hook point. A full-batch step reads every activation of the
+            hook points it fits, so on a large cache this is what an SGD configuration's cost scales with.
         planning_episodes: when > 0, plan one step ahead with the first configuration's probe, ridge (both at
             the primary hook point) and the critic on this many held-out episodes each, next to the policy.
         init_from: a probe checkpoint whose heads and standardisation start this run (fine-tuning).
@@ -93,6 +104,8 @@ class ValueProbe(L.LightningModule):
         primary_hook: str | None = None,
         eval_seed: int = 0,
         penalty: str = "match",
+        solver: str = "closed_form",
+        sgd_hooks: list[str] | None = None,
         planning_episodes: int = 0,
         init_from: str | None = None,
     ) -> None:
@@ -110,6 +123,10 @@ class ValueProbe(L.LightningModule):
             raise InnerCriticError(f"model.lr must be positive, got {lr}")
         if penalty not in PENALTIES:
             raise InnerCriticError(f"model.penalty {penalty!r} is invalid; valid: {', '.join(PENALTIES)}")
+        if solver not in SOLVERS:
+            raise InnerCriticError(f"model.solver {solver!r} is invalid; valid: {', '.join(SOLVERS)}")
+        #: configurations solved in closed form at setup; the optimiser fits the rest
+        self.closed_form = [name for name, cfg in self.loss_configs.items() if solver == "closed_form" and cfg.quadratic]
         self.save_hyperparameters()
         self.heads = nn.ModuleDict()
         self.slacks = nn.ModuleDict()
@@ -131,7 +148,17 @@ class ValueProbe(L.LightningModule):
         primary = self.hparams.primary_hook
         if primary is not None and primary not in self.hooks:
             raise InnerCriticError(f"model.primary_hook {primary!r} is not among the served hook points {self.hooks}")
-        self.primary_hook = primary or self.hooks[-1]
+        # The headline is the policy network's last layer: a critic tower's hooks serve the positive control.
+        actor = [h for h in self.hooks if not h.startswith("critic_encoder.")]
+        self.primary_hook = primary or (actor or self.hooks)[-1]
+        sgd_hooks = self.hparams.sgd_hooks
+        if sgd_hooks is not None and (not sgd_hooks or any(h not in self.hooks for h in sgd_hooks)):
+            raise InnerCriticError(f"model.sgd_hooks {sgd_hooks} must be a non-empty subset of the served hook points {self.hooks}")
+        self._sgd_hooks = list(self.hooks if sgd_hooks is None else sgd_hooks)
+        first = next(iter(self.loss_configs))
+        if self.primary_hook not in self.hooks_of(first):
+            raise InnerCriticError(f"the headline configuration {first!r} is fitted by SGD at {self._sgd_hooks} only, not at the primary hook "
+                                   f"{self.primary_hook!r}: add it to model.sgd_hooks or list a closed-form configuration first")
         self.gamma = float(dm.gamma)
         V = int(dm.num_versions)
         for hook in self.hooks:
@@ -139,6 +166,8 @@ class ValueProbe(L.LightningModule):
             self.register_buffer(f"mean@{tag}", dm.stats[hook]["mean"].clone())
             self.register_buffer(f"std@{tag}", dm.stats[hook]["std"].clone())
             for name, cfg in self.loss_configs.items():
+                if hook not in self.hooks_of(name):
+                    continue
                 head = nn.Linear(dm.feature_dims[hook], V)
                 nn.init.zeros_(head.bias)
                 if cfg.supervised:
@@ -155,8 +184,14 @@ class ValueProbe(L.LightningModule):
         if hasattr(dm, "split_arrays") and any(c.supervised for c in self.loss_configs.values()):
             train, calib = dm.split_arrays("train"), dm.split_arrays("calib")
             self._start_biases(train, V)
+            if self.hparams.penalty == "match" or self.closed_form:
+                self.ceilings = fit_ceilings(train, calib, self.gamma, V)
             if self.hparams.penalty == "match":
-                self._match_penalties(train, calib, V)
+                self._match_penalties(train, V)
+            if self.closed_form:
+                self._solve_closed_form(train, V)
+        elif self.closed_form:
+            raise InnerCriticError(f"model.solver closed_form needs a trajectory datamodule with split_arrays to solve {self.closed_form}")
         lo, hi = self.hparams.reward_range
         self.value_range = (min(lo, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else -np.inf,
                             max(hi, 0.0) / (1.0 - self.gamma) if self.gamma < 1 else np.inf)
@@ -179,30 +214,58 @@ class ValueProbe(L.LightningModule):
             rows = train.version == i
             if rows.any():
                 stats.append((float(train.ret[rows].mean()), float(train.reward[rows].mean()),
-                              float(1.0 - train.terminal[rows].mean())))
+                              float(1.0 - train.terminal[rows].mean()), float(train.value[rows].mean())))
             else:
-                stats.append((0.0, 0.0, 0.0))
+                stats.append((0.0, 0.0, 0.0, 0.0))
         for name, cfg in self.loss_configs.items():
             if not cfg.supervised:
                 continue
-            start = torch.tensor([(cfg.mc * ret + cfg.td * rew) / (cfg.mc + cfg.td * (1.0 - self.gamma * live))
-                                  for ret, rew, live in stats])
-            for hook in self.hooks:
+            start = torch.tensor([(cfg.mc * ret + cfg.critic * val + cfg.td * rew) / (cfg.mc + cfg.critic + cfg.td * (1.0 - self.gamma * live))
+                                  for ret, rew, live, val in stats])
+            for hook in self.hooks_of(name):
                 with torch.no_grad():
                     self.heads[_key(name, hook)].bias.copy_(start)
 
-    def _match_penalties(self, train: Split, calib: Split, num_versions: int) -> None:
+    def _alphas(self, hook: str) -> dict[str, list[float]]:
+        """Per version, the penalties ridge and LSTD chose on the calibration split at ``hook`` (0 where
+        ``penalty`` is ``none`` or a version has no fit)."""
+        fits = self.ceilings[hook]
+        match = self.hparams.penalty == "match"
+        return {kind: [f[kind].alpha if match and kind in f else 0.0 for f in fits] for kind in ("ridge", "lstd", "ridge_critic")}
+
+    def _match_penalties(self, train: Split, num_versions: int) -> None:
         """L2 strengths per head from the closed forms' penalties: with a loss weight c on a batch mean over
         all N train transitions, ridge's (and LSTD's) alpha corresponds to lambda = c * alpha / N."""
-        self.ceilings = fit_ceilings(train, calib, self.gamma, num_versions)
         n = max(1, len(train.reward))
         for hook in self.hooks:
-            fits = self.ceilings[hook]
-            alpha = {kind: torch.tensor([f[kind].alpha if kind in f else 0.0 for f in fits], dtype=torch.float32)
-                     for kind in ("ridge", "lstd")}
+            alpha = {kind: torch.tensor(a, dtype=torch.float32) for kind, a in self._alphas(hook).items()}
             for name, cfg in self.loss_configs.items():
-                if cfg.supervised and not cfg.unit_norm:
-                    self.register_buffer(f"l2@{_key(name, hook)}", (cfg.mc * alpha["ridge"] + cfg.td * alpha["lstd"]) / n)
+                if cfg.supervised and not cfg.unit_norm and hook in self.hooks_of(name):
+                    l2 = cfg.mc * alpha["ridge"] + cfg.td * alpha["lstd"] + cfg.critic * alpha["ridge_critic"]
+                    self.register_buffer(f"l2@{_key(name, hook)}", l2 / n)
+
+    def _solve_closed_form(self, train: Split, num_versions: int) -> None:
+        """Each closed-form configuration's heads set to the exact stationary point of its loss (with its L2
+        term) on each version's train transitions, then frozen. A lone mc, td or critic term is ridge, LSTD or
+        ridge on the critic at the same penalty, already fitted as a ceiling; a mix is solved by ``fit_quadratic``."""
+        for hook in self.hooks:
+            alphas = self._alphas(hook)
+            for name in self.closed_form:
+                cfg, head = self.loss_configs[name], self.heads[_key(name, hook)]
+                for i in range(num_versions):
+                    rows = train.rows(i)
+                    if len(rows) < 2:
+                        continue
+                    alone = [kind for kind, w in (("ridge", cfg.mc), ("lstd", cfg.td), ("ridge_critic", cfg.critic)) if w]
+                    fit = self.ceilings[hook][i].get(alone[0]) if len(alone) == 1 else None
+                    if fit is None or fit.alpha != alphas[alone[0]][i]:
+                        fit = fit_quadratic(train.x[hook][rows], train.x_next[hook][rows], train.ret[rows], train.reward[rows],
+                                            train.terminal[rows], self.gamma, cfg.mc, cfg.td, alphas["ridge"][i], alphas["lstd"][i],
+                                            value=train.value[rows], critic=cfg.critic, alpha_critic=alphas["ridge_critic"][i])
+                    with torch.no_grad():
+                        head.weight[i] = torch.from_numpy(fit.w).to(head.weight.dtype)
+                        head.bias[i] = float(fit.b)
+                head.requires_grad_(False)
 
     def _init_from(self, path: str) -> None:
         """Start every head that the checkpoint also has (same configuration, hook point and versions) from
@@ -220,9 +283,13 @@ class ValueProbe(L.LightningModule):
         state = ckpt["state_dict"]
         matched = []
         # Slack variables belong to the old data's states and L2 strengths to its penalties: both start afresh.
+        solved = {_key(name, hook) for name in self.closed_form for hook in self.hooks}
         for key, head in self.heads.items():
             weight, bias = state.get(f"heads.{key}.weight"), state.get(f"heads.{key}.bias")
             if weight is None or bias is None or weight.shape != head.weight.shape:
+                continue
+            if key in solved:  # solved exactly on this run's data: that is where fine-tuning would end
+                matched.append(f"heads.{key}")
                 continue
             tag = key.split("@", 1)[1]
             mean0, std0 = state[f"mean@{tag}"].double(), state[f"std@{tag}"].double()
@@ -240,8 +307,24 @@ class ValueProbe(L.LightningModule):
         checkpoint["innercritic_probe"] = {"kind": PROBE_KIND, "heads": sorted(self.heads.keys()), "hooks": self.hooks,
                                            "configs": {k: c.as_dict() for k, c in self.loss_configs.items()}, "gamma": self.gamma}
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def hooks_of(self, config: str) -> list[str]:
+        """The hook points at which ``config`` has heads."""
+        return self.hooks if config in self.closed_form else self._sgd_hooks
+
+    @property
+    def sgd_configs(self) -> list[str]:
+        """The configurations the training steps fit (those not solved in closed form)."""
+        return [name for name in self.loss_configs if name not in self.closed_form]
+
+    def on_train_start(self) -> None:
+        if not self.sgd_configs:
+            self.trainer.should_stop = True  # every head is solved: nothing for the epochs to do
+
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return None
+        opt = torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         # Cosine decay to 0 over the run: a constant step leaves Adam's last iterate jittering around the
         # optimum, and the closed forms the probes are compared with are the optimum itself.
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -281,18 +364,25 @@ class ValueProbe(L.LightningModule):
         computed = self.values(configs, hook, x_next[missing])
         return {name: v[name][at].index_put((missing,), computed[name]) for name in configs}
 
-    def _loss(self, batch: Mapping[str, Any], stage: str) -> Tensor:
+    def _loss(self, batch: Mapping[str, Any], stage: str) -> Tensor | None:
         total = 0.0
         logs: dict[str, Tensor] = {}
-        names = list(self.loss_configs)
+        # Training steps skip the closed-form heads (frozen); validation reports every configuration's loss.
+        names = self.sgd_configs if stage == "train" else list(self.loss_configs)
+        if not names:
+            return None
         needs_next = [name for name in names if self.loss_configs[name].needs_next]
         successor = _successors(batch["state_index"]) if needs_next else None
         for hook in self.hooks:
+            here = [name for name in names if hook in self.hooks_of(name)]
+            if not here:
+                continue
             xs = batch["x"][hook]
-            v = self.values(names, hook, xs)
-            v_next = self._next_values(needs_next, hook, v, batch["x_next"][hook], *successor) if needs_next else {}
-            for name, cfg in self.loss_configs.items():
-                key = _key(name, hook)
+            v = self.values(here, hook, xs)
+            here_next = [name for name in needs_next if name in here]
+            v_next = self._next_values(here_next, hook, v, batch["x_next"][hook], *successor) if here_next else {}
+            for name in here:
+                cfg, key = self.loss_configs[name], _key(name, hook)
                 slack = None
                 if key in self.slacks:
                     module = self.slacks[key]
@@ -310,7 +400,7 @@ class ValueProbe(L.LightningModule):
         self.log_dict(logs, on_step=stage == "train", on_epoch=stage != "train", batch_size=len(batch["reward"]))
         return total
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         return self._loss(batch, "train")
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -334,7 +424,7 @@ class ValueProbe(L.LightningModule):
         random_net = self._random_net_features(dm)
         probes: dict[str, dict[str, tuple[Any, bool]]] = {}
         for name, cfg in self.loss_configs.items():
-            probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks}
+            probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks_of(name)}
         table = evaluation_table(splits["train"], splits["calib"], splits["test"], self.gamma, dm.version_names,
                                  probes=probes, random_net=random_net, seed=self.hparams.eval_seed, ceilings=self.ceilings)
         out = {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names),
@@ -344,7 +434,8 @@ class ValueProbe(L.LightningModule):
         return out
 
     def _plan(self, dm: Any, train: Split, calib: Split) -> list[dict[str, Any]]:
-        """One-step lookahead with the probe, ridge and the critic, next to the policy and a random policy."""
+        """One-step lookahead with the probe, ridge and the critic (and in the maze the exact value of the
+        policy, which validates the planner), next to the policy and a random policy."""
         hook, agent = self.primary_hook, dm.agent
         tag = hook.replace(".", ":")
         mean, std = getattr(self, f"mean@{tag}").cpu(), getattr(self, f"std@{tag}").cpu()
@@ -358,6 +449,8 @@ class ValueProbe(L.LightningModule):
             "critic": critic_value_fn(agent),
         }
         env = dm.request["env"]
+        if env["spec"] == "maze":  # the planner's own check: lookahead on the policy's exact value
+            sources["exact"] = exact_value_fn(agent, self.gamma)
         return compare_planners(agent, env["spec"], env["kwargs"], sources, self.gamma,
                                 episodes=self.hparams.planning_episodes, seed=PLANNING_SEED_OFFSET + self.hparams.eval_seed,
                                 num_envs=min(100, self.hparams.planning_episodes),
@@ -413,7 +506,8 @@ class ValueProbe(L.LightningModule):
         names = self.results.get("version_names", ["policy"])
         first = next(iter(self.loss_configs))
         out: dict[str, Any] = {"hook": getattr(self, "primary_hook", None), "probe_config": first,
-                               "loss_weights": {k: c.as_dict() for k, c in self.loss_configs.items()}}
+                               "loss_weights": {k: c.as_dict() for k, c in self.loss_configs.items()},
+                               "solver": self.hparams.solver, "closed_form": list(self.closed_form), "version_names": list(names)}
 
         def pick(source: str, hook: str | None) -> Mapping[str, Any] | None:
             return next((r for r in table if r["source"] == source and r["hook"] == hook and r["version"] == names[0]), None)

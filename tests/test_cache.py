@@ -328,3 +328,14 @@ def test_bad_inputs_are_clear_errors(agent, tmp_path):
     with pytest.raises(CacheError, match="not empty and holds no trajectory cache.*notes.txt"):
         build_cache(agent, make_request(agent, ENV_INFO, **SETTINGS), foreign, progress=False)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_towers_name_the_hook_points_of_the_actor_the_critic_or_both(agent):
+    settings = {k: v for k, v in SETTINGS.items() if k != "hook_points"}
+    actor = make_request(agent, ENV_INFO, **settings)["hook_points"]
+    both = make_request(agent, ENV_INFO, **settings, towers="all")["hook_points"]
+    critic = make_request(agent, ENV_INFO, **settings, towers="critic_encoder")["hook_points"]
+    assert actor == agent.representation_hook_names("encoder") and critic == agent.representation_hook_names("critic_encoder")
+    assert both == actor + critic and all(h.startswith("critic_encoder.") for h in critic)
+    with pytest.raises(ValueError, match="unknown tower 'critc'"):
+        make_request(agent, ENV_INFO, **settings, towers=["critc"])

@@ -69,22 +69,36 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(uninterrupted, tmp
     report = (root / "report" / "report.md").read_text()
     for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: top_right", "## Steering: value_probe",
                     "per-maze cheese vector (`cheese`): the published effect", "per-maze top-right vector (`top_right`)",
-                    "| probe:mc |", "| ridge |", "| lstd |", "| critic |", "| random_net |", "± ",
-                    "| probe:mc vs ridge |", "| probe:td vs lstd |"):
+                    "| probe:mc |", "| ridge |", "| lstd |", "| critic |", "| random_net |", "| ridge_critic |", "± ",
+                    "### Positive control: the critic tower", "### Findings", "**Positive control holds**", "| exact |"):
         assert section in report, section
+    assert "| probe:mc vs ridge |" not in report, "closed-form probes: no SGD convergence table to show"
     for line in report.splitlines():
         if line.startswith("!["):
             target = line.split("(", 1)[1].rstrip(")")
             assert (root / "report" / target).stat().st_size > 1000, target
     regenerate = [line for line in report.splitlines() if line.startswith("Regenerate:")]
     assert regenerate and all("python train.py " in line for line in regenerate), "every figure names its command"
-    assert "| probe run | probe:mc | critic | test episodes |" in report, "the headline probe names its configuration"
+    assert "| probe run | probe:td R² exact (episodes equal) | critic R² exact (episodes equal) |" in report, "the headline names its probe"
+    loop_summary = json.loads((root / "report" / "summary.json").read_text())
     for seed in (0, 1):  # the per-seed table reads each run's summary, the test split's composition included
         summary = json.loads((root / f"probe_seed{seed}" / "version_0" / "summary.json").read_text())
         comp = summary["test_split"]["policy"]
         assert comp["episodes"] > 0 and 0 <= comp["states_in_cut"] <= comp["states"]
         (line,) = [x for x in report.splitlines() if x.startswith(f"| probe_seed{seed} |")]
-        assert line.split(" | ")[3:5] == [str(comp["episodes"]), str(comp["cut_episodes"])], line
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert cells[8:10] == [str(comp["episodes"]), str(comp["cut_episodes"])], line
+        headline = next(r for r in summary["table"] if r["source"] == "probe:td" and r["hook"] == "encoder.hook_hidden"
+                        and r["version"] == "policy")
+        assert loop_summary["probe"]["r2_exact"][seed] == headline["r2_exact_ep"], "the headline weighs test episodes equally"
+        assert loop_summary["probe"]["r2_exact_ci"][seed] == [headline["r2_exact_ep_lo"], headline["r2_exact_ep_hi"]]
+        assert loop_summary["probe"]["r2_exact_states"][seed] == headline["r2_exact"]
+    assert set(loop_summary["stage_seconds"]) == set(stages) and all(v > 0 for v in loop_summary["stage_seconds"].values())
+    assert loop_summary["probe"]["hook"] == "encoder.hook_hidden" and len(loop_summary["critic"]["r2_exact"]) == 2
+    assert set(loop_summary["planning"]) == {"probe", "ridge", "critic", "exact", "policy", "random"}
+    assert all(0 <= p["success"] <= 1 for p in loop_summary["planning"].values())
+    assert min(loop_summary["control"]["r2_vs_critic"]) > 0.99, "linear by construction, even in a tiny agent"
+    assert set(loop_summary["unsupervised"]["floors"]) == {"random_dir", "top_pc"}
 
     agent_only = {"root": config["root"], "agent": config["agent"]}
     again = run_loop(agent_only, tmp_path / "again.yaml")
@@ -266,7 +280,7 @@ def test_the_steering_verdict_follows_the_intervals_it_quotes():
 
 
 def test_closed_form_gaps_take_the_largest_difference_over_seeds_per_hook():
-    from loop import closed_form_gaps
+    from innercritic.probing.findings import closed_form_gaps
 
     def table(mc, ridge, td, lstd):
         rows = [("probe:mc", mc), ("ridge", ridge), ("probe:td", td), ("lstd", lstd)]

@@ -19,6 +19,7 @@ from innercritic.probing.planning import (
     compare_planners,
     critic_value_fn,
     evaluate_planner,
+    exact_value_fn as policy_exact_value_fn,
     greedy_actions,
     linear_value_fn,
     lookahead_q,
@@ -252,6 +253,37 @@ def small_agent():
 def test_critic_value_fn_is_the_critic_head(small_agent):
     obs = torch.from_numpy(np.random.default_rng(0).integers(0, 2, (6, 3, 5, 5)).astype(np.uint8))
     assert torch.equal(critic_value_fn(small_agent)(obs), small_agent(obs)[1])
+
+
+def test_exact_value_fn_is_the_bellman_solution_of_the_agents_own_policy(small_agent):
+    """A policy head of zeros is the uniform random walk: its exact value, solved independently with
+    probabilities of 1/4, must be what the planner's ``exact`` source reads at every square, and the
+    eps:1 version of any agent is that same walk."""
+    from innercritic.envs.maze_values import policy_value
+
+    agent = copy.deepcopy(small_agent)
+    with torch.no_grad():
+        agent.policy_head.weight.zero_()
+        agent.policy_head.bias.zero_()
+    env = make_env("maze", 4, seed=3, size=5, cheese="anywhere")
+    obs, _ = env.reset(seed=3)
+    value = policy_exact_value_fn(agent, GAMMA)
+    noisy = policy_exact_value_fn(small_agent, GAMMA, version="eps:1")
+    for frame in obs:
+        walls, cheese = frame[0] > 0, tuple(np.argwhere(frame[2])[0])
+        truth = policy_value(walls, cheese, np.full((5, 5, 4), 0.25), GAMMA)
+        free = [sq for sq in np.argwhere(~walls).tolist() if tuple(sq) != cheese]
+        frames = np.repeat(frame[None], len(free), 0)
+        frames[:, 1] = 0
+        for k, (r, c) in enumerate(free):
+            frames[k, 1, r, c] = 1
+        expect = np.array([truth[r, c] for r, c in free])
+        assert np.allclose(value(torch.from_numpy(frames)).numpy(), expect, atol=1e-12)
+        assert np.allclose(noisy(torch.from_numpy(frames)).numpy(), expect, atol=1e-12)
+        assert expect.min() > 0 and np.ptp(expect) > 0.05, "a value that varies over the maze"
+    no_cheese = obs.copy()
+    no_cheese[:, 2] = 0
+    assert value(torch.from_numpy(no_cheese)).abs().max() == 0
 
 
 def test_probe_value_fn_one_hot_reads_the_standardised_feature(small_agent):

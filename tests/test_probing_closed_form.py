@@ -17,6 +17,7 @@ from innercritic.probing import (
     r2,
     spearman,
 )
+from innercritic.probing.closed_form import fit_quadratic, ridge_path
 from innercritic.probing.evaluate import Split, shared_penalty, split_composition
 
 # --------------------------------------------------------------------------------------------
@@ -360,3 +361,43 @@ def test_split_composition_counts_the_episodes_cut_by_the_time_limit_and_their_s
         "policy": {"episodes": 2, "cut_episodes": 1, "states": 8, "states_in_cut": 5},
         "eps:0.5": {"episodes": 1, "cut_episodes": 0, "states": 2, "states_in_cut": 0},
     }
+
+
+def test_ridge_path_with_several_targets_equals_one_fit_per_target():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 4))
+    y = np.stack([x @ rng.normal(size=4) + rng.normal(size=60), rng.normal(size=60)], 1)
+    both = ridge_path(x, y)(2.0)
+    for k in range(2):
+        one = ridge_path(x, y[:, k])(2.0)
+        assert np.allclose(both[k].w, one.w) and both[k].b == pytest.approx(one.b)
+
+
+def test_fit_quadratic_is_ridge_lstd_and_the_critic_regression_at_its_corners():
+    rng = np.random.default_rng(4)
+    x, xn = rng.normal(size=(80, 3)), rng.normal(size=(80, 3))
+    ret, rew, value = rng.normal(size=80), rng.normal(size=80), rng.normal(size=80)
+    term = (rng.random(80) < 0.2).astype(float)
+    pairs = [(fit_quadratic(x, xn, ret, rew, term, 0.9, 1.0, 0.0, alpha_mc=3.0), fit_ridge(x, ret, alphas=(3.0,))),
+             (fit_quadratic(x, xn, ret, rew, term, 0.9, 0.0, 1.0, alpha_td=3.0), fit_lstd(x, xn, rew, term, 0.9, alpha=3.0)),
+             (fit_quadratic(x, xn, ret, rew, term, 0.9, 0.0, 0.0, value=value, critic=2.0, alpha_critic=3.0),
+              fit_ridge(x, value, alphas=(3.0,)))]
+    for got, want in pairs:
+        assert np.allclose(got.w, want.w, atol=1e-8) and got.b == pytest.approx(want.b, abs=1e-8)
+    with pytest.raises(ValueError, match="critic"):
+        fit_quadratic(x, xn, ret, rew, term, 0.9, 0.0, 0.0, critic=1.0)
+
+
+def test_bootstrap_r2_over_groups_contains_the_estimate_and_narrows_with_more_groups():
+    from innercritic.stats import bootstrap_r2
+    rng = np.random.default_rng(5)
+    widths = []
+    for groups in (20, 320):
+        g = np.repeat(np.arange(groups), 10)
+        target = rng.normal(size=groups)[g] + 0.3 * rng.normal(size=len(g))  # most variance between groups
+        pred = target + 0.5 * rng.normal(size=len(g))
+        lo, hi = bootstrap_r2(pred, target, g, draws=500)
+        assert lo < r2(pred, target) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2.5, widths  # about 1 / sqrt(16) = 1/4 of the width
+    assert np.isnan(bootstrap_r2(np.zeros(5), np.arange(5.0), np.zeros(5))[0]), "one group: no interval"

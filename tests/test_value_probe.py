@@ -36,7 +36,7 @@ class LinearValueData(L.LightningDataModule):
     """Episodes of AR(1) Gaussian features whose value under version i is ``w_i . x + b_i`` (+ ``nonlinear * relu(x_0 - m_0) x_1``)."""
 
     def __init__(self, dim: int = 5, versions: int = 2, episodes: int = 150, gamma: float = 0.9, noise: float = 0.0,
-                 nonlinear: float = 0.0, seed: int = 0, batch_size: int = 256, static: int = 0) -> None:
+                 nonlinear: float = 0.0, seed: int = 0, batch_size: int = 256, static: int = 0, dominant: float = 0.0) -> None:
         super().__init__()
         rng = np.random.default_rng(seed)
         self.gamma, self.batch_size = gamma, batch_size
@@ -44,6 +44,14 @@ class LinearValueData(L.LightningDataModule):
         self.num_versions = versions
         self.w_true = rng.normal(size=(versions, dim))
         self.b_true = np.linspace(0.5, -0.5, versions)
+        if dominant:
+            # What the label-free probe assumes: every version values states along one direction, the policy
+            # above its noisy versions everywhere (b decreasing), and that direction carries the largest
+            # variance of the standardised features (``dominant`` more standard deviations along it than
+            # across). Its weights are +-1, so every feature has the same variance and standardising, which
+            # divides each by its own spread, leaves the direction where it is.
+            self.w_true[:] = rng.choice([-1.0, 1.0], size=dim)
+            u = self.w_true[0] / np.linalg.norm(self.w_true[0])
         offset = rng.normal(3.0, 1.0, size=dim)  # features far from standardised, so the statistics matter
         cols: dict[str, list] = {k: [] for k in ("x", "reward", "terminal", "ret", "value", "version", "episode", "step", "last", "exact")}
         for v in range(versions):
@@ -55,6 +63,8 @@ class LinearValueData(L.LightningDataModule):
                     z[t] = 0.8 * z[t - 1] + 0.6 * z[t]
                 if static:  # features fixed for the whole episode (a maze's walls): TD learns them slowly
                     z[:, :static] = rng.normal(size=static)
+                if dominant:
+                    z = z + dominant * (z @ u)[:, None] * u
                 x = z + offset
                 # A nonlinear part no linear probe can fit: MC regression and the TD fixed point then differ.
                 value = x @ self.w_true[v] + self.b_true[v] + nonlinear * np.maximum(x[:, 0] - offset[0], 0.0) * x[:, 1]
@@ -138,16 +148,18 @@ def raw_weights(model: ValueProbe, dm: LinearValueData, config: str) -> np.ndarr
     return np.c_[w_raw.numpy(), (b.double() - w_raw @ mean).numpy()]
 
 
-def test_mc_td_and_both_recover_a_known_linear_value():
+@pytest.mark.parametrize("solver", ["closed_form", "sgd"])
+def test_mc_td_and_both_recover_a_known_linear_value(solver):
     dm = LinearValueData(noise=0.0)
-    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}, "mc_td": {"mc": 1.0, "td": 1.0}}, lr=0.05)
-    fit(model, dm, epochs=40)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}, "mc_td": {"mc": 1.0, "td": 1.0}}, lr=0.05, solver=solver)
+    trainer = fit(model, dm, epochs=40)
+    assert trainer.global_step == (0 if solver == "closed_form" else 40 * len(dm._loader("train", False))), "closed form: no step"
     truth = np.c_[dm.w_true, dm.b_true]
     for config in ("mc", "td", "mc_td"):
         for i, version in enumerate(dm.version_names):
             r = row(model, f"probe:{config}", version)
             assert r["r2_return"] > 0.99 and r["r2_exact"] > 0.99, (config, version, r)
-        assert np.allclose(raw_weights(model, dm, config), truth, atol=0.05), config
+        assert np.allclose(raw_weights(model, dm, config), truth, atol=0.05 if solver == "sgd" else 0.01), config
     summary = model.summary()
     assert summary["probe/r2_return"] > 0.99 and summary["ridge/r2_return"] > 0.99 and summary["lstd/r2_return"] > 0.99
     assert summary["probe/r2_return_exact"] > 0.99 and summary["hook"] == HOOK and summary["probe_config"] == "mc"
@@ -158,7 +170,7 @@ def test_mc_td_and_both_recover_a_known_linear_value():
 
 def test_sgd_probes_land_on_the_closed_forms_when_mc_and_td_disagree():
     dm = LinearValueData(noise=0.5, nonlinear=2.0, versions=1, episodes=200, dim=4, seed=1, batch_size=128)
-    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}}, lr=0.1)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}}, lr=0.1, solver="sgd")
     fit(model, dm, epochs=80)
     # The closed forms with the penalties they chose on the calibration split: the SGD probes were given the
     # matching L2 strength (penalty="match"), so each must land on its counterpart's regularised optimum.
@@ -173,12 +185,49 @@ def test_sgd_probes_land_on_the_closed_forms_when_mc_and_td_disagree():
     assert np.allclose(w_td, lstd.w, atol=0.02) and abs(b_td - lstd.b) < 0.02
 
 
+def test_closed_form_heads_are_the_stationary_points_of_their_losses_and_only_the_rest_train():
+    """The default solver: a mc/td mix's heads are where the gradient of its training loss (with its L2 term)
+    vanishes, a lone mc or td head is ridge or LSTD at the matched penalty, and the label-free configuration
+    beside them is the only one the steps move."""
+    dm = LinearValueData(noise=0.5, nonlinear=2.0, versions=2, episodes=120, dim=4, seed=1, batch_size=10**6)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}, "mix": {"mc": 1.0, "td": 3.0},
+                                "unsup": {"slack": 1.0, "neg_var": 0.1}}, lr=0.02)
+    assert model.closed_form == ["mc", "td", "mix"] and model.sgd_configs == ["unsup"]
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen.update({k: h.weight.detach().clone() for k, h in module.heads.items()})
+
+    trainer = fit(model, dm, epochs=5, callbacks=[Capture()])
+    assert trainer.global_step == 5
+    for key, head in model.heads.items():
+        moved = not torch.equal(seen[key], head.weight.detach())
+        assert moved == key.startswith("unsup@") and head.weight.requires_grad == key.startswith("unsup@"), key
+    for i in range(dm.num_versions):
+        ridge, lstd = model.ceilings[HOOK][i]["ridge"], model.ceilings[HOOK][i]["lstd"]
+        for config, fit_ in (("mc", ridge), ("td", lstd)):
+            w, b = (t.numpy()[i] for t in model.linear_map(config, HOOK))
+            assert np.allclose(w, fit_.w, atol=1e-5) and abs(b - fit_.b) < 1e-5, config
+    # The mix: the gradient of the loss the SGD path would minimise is zero at the closed-form heads.
+    mix = model.heads[f"mix@{HOOK.replace('.', ':')}"]
+    mix.requires_grad_(True)
+    batch = dm.batch(dm.rows["train"])
+    model.closed_form = ["mc", "td"]  # let _loss include the mix, as a training step of the sgd solver would
+    model.log_dict = lambda *a, **k: None
+    loss = model._loss(batch, "train")
+    grad = torch.autograd.grad(loss, mix.weight)[0]
+    assert grad.abs().max() < 1e-4 * max(1.0, float(mix.weight.abs().max())), grad
+    probe_row, ridge_row = row(model, "probe:mix"), row(model, "ridge")
+    assert probe_row["r2_return"] > 0.5 and ridge_row["r2_return"] > 0.5
+
+
 def test_full_batch_steps_land_td_on_lstd_along_features_fixed_within_an_episode():
     """The maze's hard case: with gamma 0.99, semi-gradient TD's expected step along a feature that never
     changes within an episode is scaled by 1 - gamma, and minibatch noise drowns it; exact gradients do not."""
     dm = LinearValueData(dim=4, static=2, versions=1, episodes=200, gamma=0.99, noise=0.5, nonlinear=1.0, seed=5,
                          batch_size=10**6)  # larger than the split: one batch, every step a full-batch step
-    model = ValueProbe(configs={"td": {"td": 1.0}}, lr=0.05)
+    model = ValueProbe(configs={"td": {"td": 1.0}}, lr=0.05, solver="sgd")
     trainer = fit(model, dm, epochs=200)
     assert trainer.global_step == 200
     lstd = model.ceilings[HOOK][0]["lstd"]
@@ -211,7 +260,7 @@ def test_values_at_the_next_state_read_from_the_batch_equal_those_computed_from_
 
 def test_every_supervised_head_starts_at_its_best_constant_predictor():
     dm = LinearValueData(versions=2, seed=3)
-    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}, "mix": {"mc": 1.0, "td": 3.0}})
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}, "mix": {"mc": 1.0, "td": 3.0}}, solver="sgd")
     fit(model, dm, epochs=1, limit_train_batches=0)  # setup only: no step moves the heads
     tr = dm.split_arrays("train")
     for i in range(dm.num_versions):
@@ -231,7 +280,7 @@ def test_every_supervised_head_starts_at_its_best_constant_predictor():
 
 def test_on_a_wide_layer_with_few_episodes_the_matched_penalty_keeps_the_sgd_probe_on_ridge():
     dm = LinearValueData(dim=80, versions=1, episodes=40, noise=1.0, nonlinear=1.0, seed=4, batch_size=64)
-    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}}, lr=0.1)
+    model = ValueProbe(configs={"mc": {"mc": 1.0}, "td": {"td": 1.0}}, lr=0.1, solver="sgd")
     fit(model, dm, epochs=100)
     probe, ridge = row(model, "probe:mc"), row(model, "ridge")
     assert ridge["alpha"] >= 1.0, "the calibration split asks for real regularisation here"
@@ -251,9 +300,35 @@ def test_unsupervised_probe_is_scaled_calibrated_and_judged_on_dominance():
     assert all("labelled_episodes" in f for f in floors), "floors are calibrated the same way"
 
 
+def test_label_free_probe_recovers_a_planted_value_up_to_scale_where_its_assumptions_hold():
+    """Known answer for slack + neg_var: on data where the policy dominates its noisy versions along the value
+    direction and that direction carries the most variance of the standardised features, the unit-norm head is
+    the value up to scale (and calibration on 10% of the episodes makes it the value). Where the value is not
+    the top-variance direction, nothing in the two terms points at it (dominance between separately fitted
+    heads is met by their offsets alone), and the probe misses the value."""
+    def cosine(a, b):
+        return abs(float(a @ b)) / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    # Three initialisations: the objective is not convex, and 300 steps left one of five starts at cosine 0.26.
+    for dominant, expect, init in ((3.0, True, 0), (3.0, True, 1), (3.0, True, 2), (0.0, False, 0)):
+        dm = LinearValueData(dim=6, versions=3, episodes=150, dominant=dominant, seed=2, batch_size=10**6)
+        torch.manual_seed(init)
+        model = ValueProbe(configs={"unsup": {"slack": 1.0, "neg_var": 0.1}}, lr=0.02)
+        fit(model, dm, epochs=1000)
+        w = raw_weights(model, dm, "unsup")[0, :-1]
+        r = row(model, "probe:unsup")
+        if expect:
+            assert cosine(w, dm.w_true[0]) > 0.98, cosine(w, dm.w_true[0])
+            assert r["r2_exact"] > 0.95, r
+            # the planted values dominate at every state (by 0.5); the fitted heads at nearly all
+            assert row(model, "probe:unsup", "eps:0.25")["dominance"] > 0.9
+        else:
+            assert cosine(w, dm.w_true[0]) < 0.9 and r["r2_exact"] < 0.5, (cosine(w, dm.w_true[0]), r["r2_exact"])
+
+
 def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_count(tmp_path):
     dm = LinearValueData(episodes=60)
-    first = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05)
+    first = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05, solver="sgd")
     trainer = fit(first, dm, epochs=2, root=tmp_path / "a")
     ckpt = Path(trainer.checkpoint_callback.best_model_path)
     steps = trainer.global_step
@@ -265,7 +340,7 @@ def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_
         def on_train_start(self, trainer, module):
             seen["w"] = module.heads[next(iter(module.heads))].weight.detach().clone()
 
-    tuned = ValueProbe(configs={"mc": {"mc": 1.0, "td": 2.0}}, lr=0.05, init_from=str(ckpt))
+    tuned = ValueProbe(configs={"mc": {"mc": 1.0, "td": 2.0}}, lr=0.05, init_from=str(ckpt), solver="sgd")
     fit(tuned, dm, epochs=1, callbacks=[Capture()])
     start = torch.load(ckpt, weights_only=True)["state_dict"]
     key = next(k for k in start if k.startswith("heads.") and k.endswith(".weight"))
@@ -280,7 +355,7 @@ def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_
             seen["head"] = (head.weight.detach().double().clone(), head.bias.detach().double().clone())
 
     other = LinearValueData(episodes=60, seed=1)
-    moved = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05, init_from=str(ckpt))
+    moved = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05, init_from=str(ckpt), solver="sgd")
     fit(moved, other, epochs=1, callbacks=[CaptureHead()])
     bias_key = key.replace(".weight", ".bias")
     raw = lambda w, b, mean, std: (w / std, b - (w / std) @ mean)  # noqa: E731  (w, b) on raw activations
@@ -291,7 +366,7 @@ def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_
     assert torch.allclose(w1, w0, atol=1e-6) and torch.allclose(b1, b0, atol=1e-5), "the same function, re-expressed"
     assert torch.equal(getattr(moved, f"mean@{tag}"), other.stats[HOOK]["mean"]), "kept with this data's statistics"
 
-    resumed = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05)
+    resumed = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05, solver="sgd")
     trainer2 = L.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path / "b", num_sanity_val_steps=0)
     trainer2.fit(resumed, datamodule=dm, ckpt_path=str(ckpt))
@@ -329,15 +404,23 @@ def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
                 "ridge/r2_return_exact", "lstd/r2_return_exact", "critic/r2_return_exact"):
         assert key in summary, key
     assert summary["hook"] == "encoder.hook_hidden" and summary["loss_weights"]["unsupervised"]["slack"] == 1.0
-    assert summary["probe_config"] == "mc" and summary["config"]["model"]["class"] == "ValueProbe", "both names kept"
+    assert summary["probe_config"] == "td" and summary["config"]["model"]["class"] == "ValueProbe", "both names kept"
     sources = {r["source"] for r in summary["table"]}
-    assert sources >= {"probe:mc", "probe:td", "probe:mc_td", "probe:unsupervised", "ridge", "lstd", "critic",
-                       "mean", "time", "raw_obs", "random_net", "random_dir", "top_pc"}
+    assert sources >= {"probe:mc", "probe:td", "probe:mc_td", "probe:critic", "probe:unsupervised", "ridge", "lstd", "critic",
+                       "ridge_critic", "mean", "time", "raw_obs", "random_net", "random_dir", "top_pc"}
     hooks = {r["hook"] for r in summary["table"]}
-    assert hooks == {None, "encoder.block0.hook_out", "encoder.block1.hook_out", "encoder.hook_hidden"}
+    towers = {"encoder.block0.hook_out", "encoder.block1.hook_out", "encoder.hook_hidden"}
+    assert hooks == {None} | towers | {h.replace("encoder.", "critic_encoder.", 1) for h in towers}, "both towers (towers: all)"
+    assert summary["solver"] == "closed_form" and summary["closed_form"] == ["td", "mc", "mc_td", "critic"]
+    unsup = {r["hook"] for r in summary["table"] if r["source"] == "probe:unsupervised"}
+    assert unsup == {"encoder.hook_hidden", "critic_encoder.hook_hidden"}, "the SGD configuration at its sgd_hooks only"
+    control = next(r for r in summary["table"] if r["source"] == "probe:critic" and r["hook"] == "critic_encoder.hook_hidden"
+                   and r["version"] == "policy")
+    assert control["r2_critic"] > 0.99, "the positive control: the critic is linear in its tower's last layer"
+    assert control["r2_exact_lo"] <= control["r2_exact"] <= control["r2_exact_hi"], "intervals from resampling episodes"
     for name in ("probe_vs_return", "value_traces", "per_layer", "planning"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000, name
-    assert [r["source"] for r in summary["planning"]] == ["probe:mc", "ridge", "critic", "policy", "random"]
+    assert [r["source"] for r in summary["planning"]] == ["probe:td", "ridge", "critic", "exact", "policy", "random"]
     assert all(0 <= r["success_lo"] <= r["success"] <= r["success_hi"] <= 1 for r in summary["planning"])
     probe_file = run / "probes" / "mc@encoder.hook_hidden.pt"
     payload = torch.load(probe_file, weights_only=True)

@@ -156,13 +156,16 @@ def make_request(
     activation_dtype: str = "float32",
     env_overrides: Mapping[str, Any] | None = None,
     seed: int = 0,
+    towers: str | Sequence[str] = "encoder",
     num_envs: int = 32,
     episodes_per_shard: int = 128,
 ) -> dict[str, Any]:
     """Validate a collection's settings and return its request: the JSON that names the cache's contents.
 
     ``env_info`` is the second value of :func:`load_agent` (spec, kwargs, obs_shape, num_actions,
-    gamma). ``hook_points=None`` takes the actor tower's hook points; ``gamma=None`` the checkpoint's.
+    gamma). ``hook_points=None`` takes the representation hook points of ``towers`` (``"encoder"``, the
+    policy's tower; ``"critic_encoder"``; a list of them; or ``"all"``, every tower the network has);
+    ``gamma=None`` the checkpoint's.
     Two requests make the same cache exactly when they are equal.
     """
     versions = list(versions)
@@ -173,7 +176,12 @@ def make_request(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InnerCriticError(f"versions {versions} name the same version more than once: {dupes}")
-    hook_points = list(agent.representation_hook_names("encoder") if hook_points is None else hook_points)
+    if hook_points is None:
+        tower_names = [towers] if isinstance(towers, str) else list(towers)
+        if tower_names == ["all"]:
+            tower_names = ["encoder", "critic_encoder"] if agent.separate_critic else ["encoder"]
+        hook_points = [h for tower in tower_names for h in agent.representation_hook_names(tower)]
+    hook_points = list(hook_points)
     if isinstance(hook_points, str) or not hook_points:
         raise InnerCriticError(f"hook_points must be a non-empty list of hook point names, got {hook_points!r}")
     if len(set(hook_points)) != len(hook_points):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import uuid
@@ -110,6 +111,22 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CacheError(f"{str(path)!r} does not hold a JSON object")
     return data
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with what JSON cannot hold made plain: nan and inf become None (read as "not measured"),
+    numpy and torch scalars Python numbers, tuples lists, anything else unknown its ``str``."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return jsonable(value.item())
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def write_json_atomic(path: str | Path, obj: Mapping[str, Any]) -> None:

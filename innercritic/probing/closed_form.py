@@ -5,6 +5,8 @@
   by R^2 on a calibration split; :func:`ridge_path` gives every penalty's fit from one decomposition.
 - :func:`fit_lstd`: LSTD(0), the closed-form TD fixed point of a linear value; :func:`lstd_path` the same
   for every penalty.
+- :func:`fit_quadratic`: any mix of the two (the stationary point of a probe trained on mc and td terms
+  with their penalties), so every probe configuration made of those terms has an exact solution.
 - :func:`fit_affine`: least-squares scale and offset, to calibrate unsupervised probes (fitted on
   the calibration split, never on test).
 """
@@ -25,6 +27,7 @@ __all__ = [
     "Standardiser",
     "fit_affine",
     "fit_lstd",
+    "fit_quadratic",
     "lstd_path",
     "fit_ridge",
     "ridge_path",
@@ -115,24 +118,32 @@ def _ridge_path(xc: np.ndarray, yc: np.ndarray):
         denom = evals + alpha
         # Directions the data do not span get weight 0 (the minimum-norm solution) instead of 1/0 at alpha = 0.
         inv = np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > floor)
-        scaled = evecs @ (proj * inv)
+        scaled = evecs @ (proj * (inv if proj.ndim == 1 else inv[:, None]))
         return scaled if primal else (xc.T @ scaled.astype(xc.dtype)).astype(np.float64)
 
     return weights
 
 
 def ridge_path(x: np.ndarray, y: np.ndarray):
-    """A function alpha -> ridge fit of ``y`` on ``x`` (unpenalised intercept), from one eigendecomposition."""
+    """A function alpha -> ridge fit of ``y`` on ``x`` (unpenalised intercept), from one eigendecomposition.
+
+    ``y`` of shape (n, m) fits m targets on the one decomposition; the function then returns a list of m fits.
+    """
     a = _matrix(x, "x")
-    t = _vector(y, len(a), "y")
+    many = np.ndim(y) == 2
+    t = np.asarray(y, dtype=np.float64) if many else _vector(y, len(a), "y")
+    if len(t) != len(a):
+        raise InnerCriticError(f"y has {len(t)} rows, x has {len(a)}")
     if len(a) < 2:
         raise InnerCriticError(f"need at least 2 samples, got {len(a)}")
-    x_mean, y_mean = a.mean(axis=0, dtype=np.float64), t.mean()
+    x_mean, y_mean = a.mean(axis=0, dtype=np.float64), t.mean(axis=0)
     path = _ridge_path((a - x_mean).astype(a.dtype), t - y_mean)
 
-    def fit(alpha: float) -> LinearValue:
+    def fit(alpha: float) -> LinearValue | list[LinearValue]:
         w = path(alpha)
-        return LinearValue(w=w, b=float(y_mean - x_mean @ w), alpha=float(alpha))
+        if not many:
+            return LinearValue(w=w, b=float(y_mean - x_mean @ w), alpha=float(alpha))
+        return [LinearValue(w=w[:, k], b=float(y_mean[k] - x_mean @ w[:, k]), alpha=float(alpha)) for k in range(t.shape[1])]
 
     return fit
 
@@ -232,6 +243,66 @@ def fit_lstd(
     terminal = 0 with the real next state's features in ``x_next``, so it bootstraps through them.
     """
     return lstd_path(x, x_next, reward, terminal, gamma)(alpha)
+
+
+def fit_quadratic(
+    x: np.ndarray,
+    x_next: np.ndarray,
+    ret: np.ndarray,
+    reward: np.ndarray,
+    terminal: np.ndarray,
+    gamma: float,
+    mc: float,
+    td: float,
+    alpha_mc: float = 0.0,
+    alpha_td: float = 0.0,
+    value: np.ndarray | None = None,
+    critic: float = 0.0,
+    alpha_critic: float = 0.0,
+) -> LinearValue:
+    """The stationary point of ``mc * (MSE to the return + alpha_mc |w|^2 / n) + td * (semi-gradient TD(0)
+    + alpha_td |w|^2 / n) + critic * (MSE to ``value`` + alpha_critic |w|^2 / n)`` over a linear value with
+    an unpenalised intercept, in closed form.
+
+    With z = [x, 1], z' = [x_next, 1], P = diag(1, .., 1, 0) and V the critic's values it solves
+    (mc (Z^T Z + alpha_mc P) + critic (Z^T Z + alpha_critic P) + td (Z^T (Z - gamma (1 - terminal) Z') + alpha_td P)) [w, b]
+    = Z^T (mc G + critic V + td r):
+    ridge at ``td = 0``, LSTD at ``mc = 0`` (the same solutions as :func:`fit_ridge` and :func:`fit_lstd`
+    at those penalties), and for a mix the point where the two gradients cancel, which is what a probe
+    trained on the weighted sum converges to (the TD term's target is held fixed, so this is a fixed
+    point, not a minimum, and exists whenever the matrix is invertible).
+    """
+    if min(mc, td, critic) < 0 or mc + td + critic <= 0:
+        raise InnerCriticError(f"fit_quadratic needs weights mc, td, critic >= 0 with one positive, got {mc}, {td}, {critic}")
+    if critic and value is None:
+        raise InnerCriticError("fit_quadratic with a critic term needs the critic's values (value=)")
+    a = _matrix(x, "x")
+    an = _matrix(x_next, "x_next")
+    if an.shape != a.shape:
+        raise InnerCriticError(f"x_next has shape {an.shape} but x has {a.shape}")
+    g = _vector(ret, len(a), "ret")
+    r = _vector(reward, len(a), "reward")
+    d = _vector(terminal, len(a), "terminal")
+    if len(a) < 2:
+        raise InnerCriticError(f"need at least 2 samples, got {len(a)}")
+    z = np.hstack([a, np.ones((len(a), 1), dtype=a.dtype)])
+    k = z.shape[1]
+    target = mc * g + td * r
+    if critic:
+        target = target + critic * _vector(value, len(a), "value")
+    mat = (mc + critic) * (z.T @ z).astype(np.float64)
+    if td:
+        zn = np.hstack([an.astype(a.dtype), np.ones((len(a), 1), dtype=a.dtype)])
+        mat += td * (z.T @ (z - (gamma * (1.0 - d)).astype(a.dtype)[:, None] * zn)).astype(np.float64)
+    rhs = (z.T @ target.astype(a.dtype)).astype(np.float64)
+    pen = np.full(k, mc * alpha_mc + td * alpha_td + critic * alpha_critic)
+    pen[-1] = 0.0
+    mat[np.diag_indices(k)] += pen
+    try:
+        sol = np.linalg.solve(mat, rhs)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(mat, rhs, rcond=None)[0]  # no penalty on a rank-deficient layer: minimum norm
+    return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(pen[0]))
 
 
 def fit_affine(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:

@@ -7,6 +7,9 @@ value of that version's policy. Beside the probes stand
 - ceilings on the same activations: closed-form ridge on returns and LSTD (the TD fixed point), each
   with one penalty per hook point chosen on the calibration split (:func:`shared_penalty`), and the
   agent's own critic;
+- the positive control: ridge on the critic's own values (``ridge_critic``), scored against the critic
+  (``r2_critic``): at the critic tower's last layer the critic is linear by construction, so this must
+  read ~1 there, and where along the tower it rises says where the value becomes readable;
 - floors: the training mean, a regression on the time step, ridge on the raw observations, ridge on
   the same hook point of a randomly initialised copy of the network, and a random direction and the
   top principal component, each calibrated like an unsupervised probe.
@@ -29,7 +32,9 @@ import torch
 from innercritic.agents.noisy import parse_version
 from innercritic.envs.maze_values import policy_value
 from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, fit_affine, fit_ridge, lstd_path, ridge_path
+from innercritic.probing.maze_exact import within_group_spearman
 from innercritic.probing.metrics import dominance_accuracy, mse_over_var, normalised_td_error, pearson, r2, spearman
+from innercritic.stats import bootstrap_r2, grouped_r2
 
 __all__ = [
     "calibrated",
@@ -137,20 +142,48 @@ def hook_features(agent: torch.nn.Module, obs: np.ndarray, hooks: Sequence[str],
 # Scoring
 
 
-def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.ndarray, gamma: float) -> dict[str, float]:
-    """Every figure of one value source on ``rows`` of a split."""
+def _terminated(data: Split, rows: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` belong to an episode that terminated (reached a terminal state) inside the split."""
+    done = np.unique(data.episode[data.terminal > 0])
+    return np.isin(data.episode[rows], done)
+
+
+def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.ndarray, gamma: float,
+          intervals: bool = True) -> dict[str, float]:
+    """Every figure of one value source on ``rows`` of a split.
+
+    Against the Monte-Carlo return over all rows (``r2_return``) and over the rows of terminated episodes
+    only (``r2_return_terminated``): an episode the step limit cuts has a return that bootstraps from the
+    critic at the cut (``gamma ** (T - t) V(s_T)``, the cache's convention), so its states' targets carry the
+    critic's error and depend on the time left, which no state shows. Against the exact value (the maze):
+    R^2 over states, ``r2_exact_ep`` (every test episode weighted the same, :func:`~innercritic.stats.grouped_r2`:
+    the headline), Pearson, Spearman and ``spearman_exact_within``, the mean Spearman inside each episode
+    (does the source rank the squares of one maze right). ``r2_critic`` is against the agent's own critic. With ``intervals``, ``<figure>_lo`` /
+    ``_hi`` are 95% intervals of the R^2 figures from resampling test episodes (:func:`bootstrap_r2`)."""
     target = data.ret[rows]
+    episodes = data.episode[rows]
+    done = _terminated(data, rows)
     out = {
         "r2_return": r2(pred, target),
+        "r2_return_terminated": r2(pred[done], target[done]) if done.sum() > 1 else math.nan,
         "pearson_return": pearson(pred, target),
         "spearman_return": spearman(pred, target),
         "mse_over_var": mse_over_var(pred, target),
         "td_error": (normalised_td_error(pred, pred_next, data.reward[rows], data.terminal[rows], gamma)
                      if pred_next is not None else math.nan),
     }
+    targets = {"return": target, "critic": data.value[rows]}
     if data.exact is not None:
         exact = data.exact[rows]
-        out.update(r2_exact=r2(pred, exact), pearson_exact=pearson(pred, exact), spearman_exact=spearman(pred, exact))
+        targets["exact"] = exact
+        out.update(r2_exact=r2(pred, exact), r2_exact_ep=grouped_r2(pred, exact, episodes), pearson_exact=pearson(pred, exact),
+                   spearman_exact=spearman(pred, exact), spearman_exact_within=within_group_spearman(pred, exact, episodes))
+    out["r2_critic"] = r2(pred, data.value[rows])
+    if intervals:
+        for name, t in targets.items():
+            out[f"r2_{name}_lo"], out[f"r2_{name}_hi"] = bootstrap_r2(pred, t, episodes)
+        if "exact" in targets:
+            out["r2_exact_ep_lo"], out["r2_exact_ep_hi"] = bootstrap_r2(pred, targets["exact"], episodes, equal_groups=True)
     return out
 
 
@@ -215,17 +248,25 @@ def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int,
         cal = [(calib_or_train[i].x[hook][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)]
         lstd = [lstd_path(train.x[hook][tr.rows], train.x_next[hook][tr.rows], tr.reward_, tr.terminal_, gamma)
                 if len(tr.rows) >= 2 else None for tr, _, _ in per_version]
-        fits = {"ridge": _shared_ridge(train.x[hook], [c.x[hook] for c in calib_or_train], per_version),
-                "lstd": shared_penalty(lstd, LSTD_ALPHAS, cal)}
+        ridge, ridge_critic = _shared_ridge(train.x[hook], [c.x[hook] for c in calib_or_train], per_version, ("ret_", "value_"))
+        fits = {"ridge": ridge, "lstd": shared_penalty(lstd, LSTD_ALPHAS, cal), "ridge_critic": ridge_critic}
         out[hook] = [{kind: f[i] for kind, f in fits.items() if f[i] is not None} for i in range(num_versions)]
     return out
 
 
-def _shared_ridge(x_train: np.ndarray, x_calib: Sequence[np.ndarray], per_version) -> list[LinearValue | None]:
+def _shared_ridge(x_train: np.ndarray, x_calib: Sequence[np.ndarray], per_version, targets: Sequence[str] = ("ret_",)):
     """Ridge on returns per version at one :func:`shared_penalty` (the ceiling, and the floors on raw
-    observations and on a random network); ``x_calib[i]`` holds version i's calibration rows."""
-    paths = [ridge_path(x_train[tr.rows], tr.ret_) if len(tr.rows) >= 2 else None for tr, _, _ in per_version]
-    return shared_penalty(paths, DEFAULT_ALPHAS, [(x_calib[i][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)])
+    observations and on a random network); ``x_calib[i]`` holds version i's calibration rows.
+
+    With several ``targets`` (attributes of :class:`_Rows`: ``ret_``, ``value_``), one fit list per target,
+    each at its own penalty, from one decomposition of the features per version."""
+    paths = [ridge_path(x_train[tr.rows], np.stack([getattr(tr, t) for t in targets], 1)) if len(tr.rows) >= 2 else None
+             for tr, _, _ in per_version]
+    out = []
+    for k, t in enumerate(targets):
+        column = [None if p is None else (lambda alpha, p=p, k=k: p(alpha)[k]) for p in paths]
+        out.append(shared_penalty(column, DEFAULT_ALPHAS, [(x_calib[i][ca.rows], getattr(ca, t)) for i, (_, ca, _) in enumerate(per_version)]))
+    return out[0] if len(targets) == 1 else out
 
 
 def _linear_sources(ceilings: Mapping[str, LinearValue], x_tr, rng) -> dict[str, tuple[LinearValue, bool]]:
@@ -251,6 +292,7 @@ class _Rows:
     def __init__(self, data: Split, rows: np.ndarray) -> None:
         self.rows = rows
         self.ret_ = data.ret[rows].astype(np.float64)
+        self.value_ = data.value[rows].astype(np.float64)
         self.reward_ = data.reward[rows].astype(np.float64)
         self.terminal_ = data.terminal[rows].astype(np.float64)
         self.step_ = data.step[rows].astype(np.float64)
@@ -305,7 +347,7 @@ def evaluation_table(
                 if calibrate:
                     pred, pred_next = calibrated(lin.predict(x_ca), ca.ret_, pred, pred_next)
                     extra["labelled_episodes"] = calib_episodes[i]
-                if name in ("ridge", "lstd"):
+                if name in ("ridge", "lstd", "ridge_critic"):
                     extra["alpha"] = lin.alpha
                 rows.append(_row(name, hook, i, version_names, score(pred, pred_next, test, te.rows, gamma), **extra))
             for name, sources in (probes or {}).items():

@@ -7,6 +7,8 @@ A probe configuration is a weighted sum of the terms below (DESIGN.md, "Probe lo
   ``r + gamma (1 - terminal) v(s')`` is held fixed, as in TD(0)), so its optimum is the TD fixed point
   that LSTD computes in closed form; bootstraps through time-limit truncations, never through terminals.
 - ``mc``: squared error against the Monte-Carlo return on the head's own version's transitions.
+- ``critic``: squared error against the agent's own critic at s_t (the positive control: at the critic
+  tower's last layer that value is linear by construction, so a probe must recover it there).
 - ``neg_var``: minus the batch variance of each head (keeps unsupervised solutions from collapsing to
   a constant; small weights only: alone it rewards any salient feature).
 - ``slack``: dominance of the policy over its noisy versions, ``v_0(s) - v_i(s) = margin + softplus(xi_i(s))``
@@ -32,7 +34,7 @@ from innercritic.errors import InnerCriticError
 
 __all__ = ["LOSS_TERMS", "LossConfig", "probe_loss_terms"]
 
-LOSS_TERMS = ("td", "mc", "neg_var", "slack", "ordering", "terminal_zero", "bounds")
+LOSS_TERMS = ("td", "mc", "critic", "neg_var", "slack", "ordering", "terminal_zero", "bounds")
 SCALES = ("auto", "none", "unit_norm")
 
 
@@ -42,6 +44,7 @@ class LossConfig:
 
     td: float = 0.0  # semi-gradient TD(0) error on each head's own transitions
     mc: float = 0.0  # squared error against the Monte-Carlo return
+    critic: float = 0.0  # squared error against the agent's critic (the positive control's target)
     neg_var: float = 0.0  # minus the batch variance of each head
     slack: float = 0.0  # dominance v_0 - v_i = margin + softplus(xi) with learned slack variables
     ordering: float = 0.0  # squared hinge on v_i < v_{i+1} between consecutive versions
@@ -73,8 +76,15 @@ class LossConfig:
 
     @property
     def supervised(self) -> bool:
-        """True when the configuration sees reward labels (td or mc)."""
-        return self.td > 0 or self.mc > 0
+        """True when the configuration is fitted to labels (rewards, returns or the critic's values)."""
+        return self.td > 0 or self.mc > 0 or self.critic > 0
+
+    @property
+    def quadratic(self) -> bool:
+        """True when the loss is a quadratic in the head's weights with a linear stationary point (td, mc and
+        critic only, no scale constraint): ``closed_form.fit_quadratic`` then gives the optimum SGD approaches."""
+        others = [name for name in LOSS_TERMS if name not in ("td", "mc", "critic") and getattr(self, name)]
+        return self.supervised and not others and not self.unit_norm
 
     @property
     def needs_next(self) -> bool:
@@ -98,7 +108,7 @@ def probe_loss_terms(
     cfg: LossConfig,
     v: Tensor,  # (B, V) every head at s_t
     v_next: Tensor | None,  # (B, V) every head at s_{t+1}; needed only when cfg.needs_next
-    batch: Mapping[str, Tensor],  # reward, terminal, ret, version: (B,)
+    batch: Mapping[str, Tensor],  # reward, terminal, ret, value (the critic), version: (B,)
     gamma: float,
     slack: Tensor | None = None,  # (B, V-1) slack variables xi at s_t, when cfg.slack > 0
     value_range: tuple[float, float] = (0.0, 1.0),
@@ -111,6 +121,8 @@ def probe_loss_terms(
         terms["td"] = cfg.td * F.mse_loss(_own(v, version), target)
     if cfg.mc:
         terms["mc"] = cfg.mc * F.mse_loss(_own(v, version), batch["ret"])
+    if cfg.critic:
+        terms["critic"] = cfg.critic * F.mse_loss(_own(v, version), batch["value"])
     if cfg.neg_var:
         terms["neg_var"] = -cfg.neg_var * v.var(0, unbiased=False).mean()
     if cfg.slack and v.shape[1] > 1:

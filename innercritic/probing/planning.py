@@ -12,8 +12,9 @@ action index, or, with ``tie_break="policy"``, to the tied action with the highe
 
 A value source is any callable ``value_fn(obs uint8 (B, C, H, W)) -> float (B,)``:
 :func:`critic_value_fn` (the agent's own critic), :func:`probe_value_fn` (a linear probe on a
-standardised hook activation) and :func:`linear_value_fn` (the same from a closed-form ridge / LSTD
-fit). Environments: the cheese maze (the whole batch is looked ahead at once with
+standardised hook activation), :func:`linear_value_fn` (the same from a closed-form ridge / LSTD
+fit) and, in the cheese maze, :func:`exact_value_fn` (the exact value of the agent's policy: the
+planner's own check, since lookahead on the true value of a policy that reaches the cheese must too). Environments: the cheese maze (the whole batch is looked ahead at once with
 ``clone_state``/``restore_state``) and gymnasium ``SyncVectorEnv`` envs such as MiniGrid (each
 sub-env is deep-copied once per action: about 1.3 ms per copy for DoorKey-5x5, so MiniGrid planning
 costs ~10 ms per env and step).
@@ -64,6 +65,7 @@ __all__ = [
     "compare_planners",
     "critic_value_fn",
     "evaluate_planner",
+    "exact_value_fn",
     "greedy_actions",
     "linear_value_fn",
     "lookahead_q",
@@ -91,6 +93,43 @@ def critic_value_fn(agent: torch.nn.Module) -> ValueFn:
     @torch.inference_mode()
     def value(obs: Tensor) -> Tensor:
         return agent(obs.to(device))[1]
+
+    return value
+
+
+def exact_value_fn(agent: torch.nn.Module, gamma: float, version: str = "policy") -> ValueFn:
+    """The exact value, under ``version`` of the agent's policy, of a cheese-maze observation.
+
+    Each maze (walls and cheese channels) is solved once, on first sight, by
+    :func:`~innercritic.envs.maze_values.policy_value` with the policy's action probabilities at every
+    free square; later observations of it are a look-up at the mouse's square. An observation with no
+    cheese is worth 0.
+    """
+    from innercritic.agents.noisy import parse_version
+    from innercritic.envs.maze_values import policy_value
+    from innercritic.probing.maze_exact import every_square
+
+    policy = parse_version(version)
+    device = _device(agent)
+    solved: dict[bytes, np.ndarray] = {}
+
+    def solve(first: np.ndarray) -> np.ndarray:
+        frames, free = every_square(first)
+        with torch.inference_mode():
+            probs = policy.probs(agent.policy_logits(torch.from_numpy(frames).to(device)).float().cpu()).double().numpy()
+        return policy_value(first[0] > 0, tuple(np.argwhere(first[2] > 0)[0]), probs / probs.sum(1, keepdims=True), gamma)
+
+    def value(obs: Tensor) -> Tensor:
+        x = obs.cpu().numpy()
+        out = np.zeros(len(x))
+        for k, frame in enumerate(x):
+            if not frame[2].any():
+                continue
+            key = frame[0].tobytes() + frame[2].tobytes()
+            if key not in solved:
+                solved[key] = solve(frame)
+            out[k] = solved[key].reshape(-1)[frame[1].reshape(-1).argmax()]
+        return torch.from_numpy(np.nan_to_num(out, nan=0.0))
 
     return value
 
