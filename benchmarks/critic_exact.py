@@ -14,7 +14,9 @@ trained with) and compares. Two weightings of the squares:
 
 For each: R^2, Pearson, Spearman and the mean within-maze Spearman (does the critic rank the squares
 of one maze right), each with a 95% bootstrap interval over mazes; also the best affine recalibration's
-R^2 (Pearson squared), which separates a miscalibrated critic from one that orders states wrongly.
+R^2 (Pearson squared), which separates a miscalibrated critic from one that orders states wrongly; and what
+one-step lookahead on the critic would meet: the share of squares that are local maxima of the critic
+(greedy planning stops there) against those of the exact value (none, in a perfect maze).
 
 Run::
 
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from innercritic.agents.checkpoint import load_agent  # noqa: E402
 from innercritic.envs.factory import make_env  # noqa: E402
+from innercritic.envs.maze_values import transition_table  # noqa: E402
 from innercritic.probing.maze_exact import maze_square_values, square_figures  # noqa: E402
 
 
@@ -64,8 +67,35 @@ def main() -> None:
         for name, (mid, lo, hi) in square_figures(mazes, weighting, boot=args.boot, seed=0).items():
             figures[f"{weighting}/{name}"] = mid
             figures[f"{weighting}/{name}_ci"] = f"[{lo:.3f}, {hi:.3f}]"
+    figures.update(local_maxima(np.asarray(first_obs), mazes))
     figures["machine"] = machine()
     report(figures)
+
+
+def local_maxima(first_obs: np.ndarray, mazes: list) -> dict:
+    """What one-step lookahead would see: the share of free squares (cheese excluded) none of whose neighbours
+    the critic (or the exact value) rates higher, where a greedy planner stops or oscillates, and how often
+    the critic's best neighbour is the exact value's."""
+    stuck = {"critic": 0, "exact": 0}
+    agree = total = 0
+    for obs, m in zip(first_obs, mazes):
+        walls = obs[0] > 0
+        table = transition_table(walls)
+        index = {tuple(sq): k for k, sq in enumerate(np.argwhere(~walls).tolist())}
+        cheese = index[tuple(np.argwhere(obs[2])[0])]
+        values = {name: np.full(len(table), np.inf) for name in stuck}  # entering the cheese beats everything
+        for name in stuck:
+            values[name][[index[tuple(sq)] for sq in m["squares"].tolist()]] = m[name]
+        for k in range(len(table)):
+            if k == cheese:
+                continue
+            moves = [j for j in table[k] if j != k]
+            for name in stuck:
+                stuck[name] += all(values[name][j] <= values[name][k] for j in moves)
+            agree += max(moves, key=lambda j: values["critic"][j]) == max(moves, key=lambda j: values["exact"][j])
+            total += 1
+    return {"local_maxima/critic": stuck["critic"] / total, "local_maxima/exact": stuck["exact"] / total,
+            "greedy_neighbour_agreement": agree / total}
 
 
 if __name__ == "__main__":

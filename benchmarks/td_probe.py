@@ -20,6 +20,10 @@ Run (needs a trained agent and its cache, e.g. after ``python train.py loop -c c
     python benchmarks/td_probe.py --agent_ckpt runs/loop_maze/agent/version_0/checkpoints/last.ckpt \\
         --cache_dir runs/loop_maze/cache --seeds 0 1 2
 
+(``--settings full_batch`` runs only the full-batch fits; ``--episodes_per_version 120 --cache_dir D`` a smaller
+cache of its own in D, since every SGD step reads every hook point's activations.) The probes run with
+``--model.solver sgd``: the probe config solves them in closed form, and this is the check that SGD lands there.
+
 It prints a table, then one JSON object on its last line (``<setting>/seed<k>/td_gap``, ``.../mc_gap``,
 ``.../wall_s`` and ``time_ratio``, full batch over minibatch).
 """
@@ -73,18 +77,22 @@ def main() -> None:
     parser.add_argument("--agent_ckpt", required=True)
     parser.add_argument("--cache_dir", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--episodes_per_version", type=int, default=None, help="the cache's size; default: the probe config's")
     args = parser.parse_args()
+    size = [] if args.episodes_per_version is None else [f"--data.episodes_per_version={args.episodes_per_version}"]
     figures: dict[str, object] = {"machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS", "default")}
-    walls = {name: 0.0 for name in SETTINGS}
+    walls = {name: 0.0 for name in args.settings}
     for seed in args.seeds:
-        for name, extra in SETTINGS.items():
+        for name in args.settings:
             with tempfile.TemporaryDirectory() as tmp:
-                found, wall = run(args.agent_ckpt, args.cache_dir, seed, extra, Path(tmp))
+                found, wall = run(args.agent_ckpt, args.cache_dir, seed, SETTINGS[name] + size, Path(tmp))
             walls[name] += wall
             for key, value in found.items():
                 figures[f"{name}/seed{seed}/{key}"] = value
             figures[f"{name}/seed{seed}/wall_s"] = wall
-    figures["time_ratio"] = walls["full_batch"] / walls["minibatch"]
+    if len(walls) == 2:
+        figures["time_ratio"] = walls["full_batch"] / walls["minibatch"]
     report(figures)
 
 

@@ -83,20 +83,26 @@ def draw_probe_figures(results: Mapping[str, Any], out_dir: Path) -> dict[str, P
     plt.close(fig)
 
     rows = [r for r in table if r["version"] == policy]
+    # The maze's headline figure where there is one: R^2 against the exact value, each test episode weighted the same.
+    metric = "r2_exact_ep" if any("r2_exact_ep" in r for r in rows) else "r2_return"
     hooks = list(dict.fromkeys(r["hook"] for r in rows if r["hook"] is not None))
     sources = list(dict.fromkeys(r["source"] for r in rows if r["hook"] is not None and r["source"] not in ("random_dir",)))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(hooks) * max(1, len(sources)) / 3), 4.5))
+    # A closed-form probe is its ceiling (probe:td is LSTD): draw one bar, not two equal ones.
+    solved = {f"probe:{name}" for name in results.get("closed_form", ())}
+    twins = {"ridge": "probe:mc", "lstd": "probe:td", "ridge_critic": "probe:critic"}
+    sources = [s for s in sources if not (twins.get(s) in solved and twins[s] in sources)]
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 1.2 * len(hooks) * max(1, len(sources)) / 3)), 4.5))
     width = 0.8 / max(1, len(sources))
     for j, source in enumerate(sources):
-        vals = [_finite(next((r["r2_return"] for r in rows if r["source"] == source and r["hook"] == h), math.nan)) for h in hooks]
+        vals = [_finite(next((r.get(metric) for r in rows if r["source"] == source and r["hook"] == h), math.nan)) for h in hooks]
         ax.bar([i + j * width for i in range(len(hooks))], vals, width, label=source)
     for k, source in enumerate(("critic", "mean", "time", "raw_obs")):
         row = next((r for r in rows if r["source"] == source and r["hook"] is None), None)
-        if row is not None and math.isfinite(_finite(row["r2_return"])):
-            ax.axhline(row["r2_return"], color=f"C{k + 5}", ls="--", lw=1, label=source)
+        if row is not None and math.isfinite(_finite(row.get(metric))):
+            ax.axhline(row[metric], color=f"C{k + 5}", ls="--", lw=1, label=source)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(hooks))])
-    ax.set_xticklabels([h.split(".", 1)[-1] for h in hooks], rotation=20, fontsize=8)
-    ax.set_ylabel(f"R^2 vs return ({policy})")
+    ax.set_xticklabels([("critic: " if h.startswith("critic_encoder.") else "") + h.split(".", 1)[-1] for h in hooks], rotation=20, fontsize=8)
+    ax.set_ylabel(("R^2 vs exact value, episodes equal" if metric == "r2_exact_ep" else "R^2 vs return") + f" ({policy})")
     ax.set_ylim(max(-0.5, ax.get_ylim()[0]), 1.0)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("value probes per layer, with ceilings and floors", fontsize=9)

@@ -185,7 +185,7 @@ class ValueProbe(L.LightningModule):
             train, calib = dm.split_arrays("train"), dm.split_arrays("calib")
             self._start_biases(train, V)
             if self.hparams.penalty == "match" or self.closed_form:
-                self.ceilings = fit_ceilings(train, calib, self.gamma, V)
+                self.ceilings = fit_ceilings(train, calib, self.gamma, V, progress=self._bar("closed forms"))
             if self.hparams.penalty == "match":
                 self._match_penalties(train, V)
             if self.closed_form:
@@ -227,8 +227,8 @@ class ValueProbe(L.LightningModule):
                     self.heads[_key(name, hook)].bias.copy_(start)
 
     def _alphas(self, hook: str) -> dict[str, list[float]]:
-        """Per version, the penalties ridge and LSTD chose on the calibration split at ``hook`` (0 where
-        ``penalty`` is ``none`` or a version has no fit)."""
+        """Per version, the penalties ridge, LSTD and ridge on the critic chose on the calibration split at
+        ``hook`` (0 where ``penalty`` is ``none`` or a version has no fit)."""
         fits = self.ceilings[hook]
         match = self.hparams.penalty == "match"
         return {kind: [f[kind].alpha if match and kind in f else 0.0 for f in fits] for kind in ("ridge", "lstd", "ridge_critic")}
@@ -426,9 +426,10 @@ class ValueProbe(L.LightningModule):
         for name, cfg in self.loss_configs.items():
             probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks_of(name)}
         table = evaluation_table(splits["train"], splits["calib"], splits["test"], self.gamma, dm.version_names,
-                                 probes=probes, random_net=random_net, seed=self.hparams.eval_seed, ceilings=self.ceilings)
+                                 probes=probes, random_net=random_net, seed=self.hparams.eval_seed, ceilings=self.ceilings,
+                                 progress=self._bar("scoring"))
         out = {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names),
-               "test_split": split_composition(splits["test"], dm.version_names)}
+               "test_split": split_composition(splits["test"], dm.version_names), "closed_form": list(self.closed_form)}
         if self.hparams.planning_episodes > 0 and getattr(dm, "agent", None) is not None:
             out["planning"] = self._plan(dm, splits["train"], splits["calib"])
         return out
@@ -453,8 +454,12 @@ class ValueProbe(L.LightningModule):
             sources["exact"] = exact_value_fn(agent, self.gamma)
         return compare_planners(agent, env["spec"], env["kwargs"], sources, self.gamma,
                                 episodes=self.hparams.planning_episodes, seed=PLANNING_SEED_OFFSET + self.hparams.eval_seed,
-                                num_envs=min(100, self.hparams.planning_episodes),
-                                progress=self._trainer is not None and self._trainer.progress_bar_callback is not None)
+                                num_envs=min(100, self.hparams.planning_episodes), progress=self._bar("planning") is not None)
+
+    def _bar(self, label: str) -> str | None:
+        """``label`` when the run shows a progress bar (long evaluations then show theirs), else None."""
+        shown = self._trainer is not None and self._trainer.progress_bar_callback is not None
+        return f"probe {label}" if shown else None
 
     def _predictor(self, config: str, hook: str):
         w, b = self.linear_map(config, hook)

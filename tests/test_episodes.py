@@ -15,9 +15,26 @@ from innercritic.envs.factory import make_env
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _close(got, want, path="") -> list[str]:
+    """Where ``got`` differs from ``want``: counts, flags and episode outcomes exactly; float figures to 1e-5
+    relative, because float32 kernels round differently on different CPUs (the golden file was written on an
+    AMD EPYC; on an Intel Xeon the vector norms differ in the 7th digit, with every episode the same)."""
+    if isinstance(want, dict):
+        if set(got) != set(want):
+            return [f"{path}: keys {sorted(set(got) ^ set(want))}"]
+        return [d for k in want for d in _close(got[k], want[k], f"{path}/{k}")]
+    if isinstance(want, list):
+        if len(got) != len(want):
+            return [f"{path}: length {len(got)} != {len(want)}"]
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in _close(g, w, f"{path}[{i}]")]
+    if isinstance(want, float) and not isinstance(got, bool):
+        return [] if got == pytest.approx(want, rel=1e-5, abs=1e-12) else [f"{path}: {got} != {want}"]
+    return [] if got == want and type(got) is type(want) else [f"{path}: {got!r} != {want!r}"]
+
+
 def test_the_three_callers_give_the_numbers_they_gave_before_the_merge():
     # PPO evaluation, a steering scan (plain, per-level and averaged vectors) and planning, on fixed seeds.
-    assert figures() == json.loads(GOLDEN.read_text())
+    assert _close(figures(), json.loads(GOLDEN.read_text())) == []
 
 
 def test_rounds_seed_levels_and_count_each_envs_first_episode():

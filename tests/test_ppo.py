@@ -207,7 +207,7 @@ def test_last_checkpoint_holds_the_agent_the_summary_judged(maze_run):
 
 def test_checkpoint_rebuilds_agent_and_env_without_the_config(maze_run):
     agent, env = load_agent(maze_run / "version_0" / "checkpoints" / "last.ckpt")
-    assert env["spec"] == "maze" and env["kwargs"] == {"size": 5, "cheese": "top_right:3"} and env["gamma"] == 0.99
+    assert env["spec"] == "maze" and env["kwargs"] == {"size": 5, "cheese": "top_right:3"} and env["gamma"] == 0.95  # the config's
     logits, value = agent(torch.zeros((2, *env["obs_shape"]), dtype=torch.uint8))
     assert logits.shape == (2, env["num_actions"]) and value.shape == (2,)
 

@@ -398,6 +398,8 @@ def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     assert done.returncode == 0, done.stderr[-3000:]
+    for bar in ("probe closed forms", "probe scoring"):  # the long evaluations show a bar with their total
+        assert bar in done.stderr and "/6 [" in done.stderr.split(bar, 1)[1][:200], bar
     run = root / "version_0"
     summary = json.loads((run / "summary.json").read_text())
     for key in ("probe/r2_return", "ridge/r2_return", "lstd/r2_return", "critic/r2_return", "probe/r2_return_exact",

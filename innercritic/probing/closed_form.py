@@ -180,14 +180,8 @@ def fit_ridge(
     return best
 
 
-def lstd_path(
-    x: np.ndarray,
-    x_next: np.ndarray,
-    reward: np.ndarray,
-    terminal: np.ndarray,
-    gamma: float,
-):
-    """A function alpha -> LSTD(0) solution, forming the (d+1) x (d+1) system once (see :func:`fit_lstd`)."""
+def _transitions(x: np.ndarray, x_next: np.ndarray, reward: np.ndarray, terminal: np.ndarray):
+    """Checked (x, x_next, reward, terminal) of at least 2 transitions, as float arrays."""
     a = _matrix(x, "x")
     an = _matrix(x_next, "x_next")
     if an.shape != a.shape:
@@ -196,6 +190,18 @@ def lstd_path(
     d = _vector(terminal, len(a), "terminal")
     if len(a) < 2:
         raise InnerCriticError(f"need at least 2 samples, got {len(a)}")
+    return a, an, r, d
+
+
+def lstd_path(
+    x: np.ndarray,
+    x_next: np.ndarray,
+    reward: np.ndarray,
+    terminal: np.ndarray,
+    gamma: float,
+):
+    """A function alpha -> LSTD(0) solution, forming the (d+1) x (d+1) system once (see :func:`fit_lstd`)."""
+    a, an, r, d = _transitions(x, x_next, reward, terminal)
     ones = np.ones((len(a), 1), dtype=a.dtype)
     z = np.hstack([a, ones])
     zn = np.hstack([an.astype(a.dtype), ones])
@@ -276,15 +282,8 @@ def fit_quadratic(
         raise InnerCriticError(f"fit_quadratic needs weights mc, td, critic >= 0 with one positive, got {mc}, {td}, {critic}")
     if critic and value is None:
         raise InnerCriticError("fit_quadratic with a critic term needs the critic's values (value=)")
-    a = _matrix(x, "x")
-    an = _matrix(x_next, "x_next")
-    if an.shape != a.shape:
-        raise InnerCriticError(f"x_next has shape {an.shape} but x has {a.shape}")
+    a, an, r, d = _transitions(x, x_next, reward, terminal)
     g = _vector(ret, len(a), "ret")
-    r = _vector(reward, len(a), "reward")
-    d = _vector(terminal, len(a), "terminal")
-    if len(a) < 2:
-        raise InnerCriticError(f"need at least 2 samples, got {len(a)}")
     z = np.hstack([a, np.ones((len(a), 1), dtype=a.dtype)])
     k = z.shape[1]
     target = mc * g + td * r

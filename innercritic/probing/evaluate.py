@@ -233,18 +233,29 @@ def _per_version(train: Split, calib: Split, test: Split, V: int) -> tuple[list[
                              _Rows(test, test.rows(i))) for i in range(V)]
 
 
+def _hook_bar(hooks: Sequence[str], label: str | None):
+    """``hooks`` as they are, or wrapped in a tqdm bar on stderr named ``label`` (one step per hook point)."""
+    if label is None:
+        return hooks
+    import sys
+
+    from tqdm import tqdm  # lazy: a run without a bar never loads it
+
+    return tqdm(list(hooks), desc=label, unit=" hook points", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
 def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int,
-                 hooks: Sequence[str] | None = None) -> dict[str, list[dict[str, LinearValue]]]:
+                 hooks: Sequence[str] | None = None, progress: str | None = None) -> dict[str, list[dict[str, LinearValue]]]:
     """Ridge and LSTD per hook point and policy version, each at the penalty of :func:`shared_penalty`.
 
-    ``{hook: [{"ridge": LinearValue, "lstd": LinearValue}, ...one per version]}`` (a version with
+    ``{hook: [{"ridge": LinearValue, "lstd": LinearValue, "ridge_critic": LinearValue}, ...one per version]}`` (a version with
     fewer than 2 train rows gets an empty dict), for ``hooks`` (None: every hook point of the splits).
     The probe module reads the chosen penalties to give its SGD probes the same L2 strength, and hands
-    the fits back to :func:`evaluation_table`.
+    the fits back to :func:`evaluation_table`. ``progress`` labels a bar of the hook points (stderr).
     """
     calib_or_train, per_version = _per_version(train, calib, train, num_versions)
     out: dict[str, list[dict[str, LinearValue]]] = {}
-    for hook in train.x if hooks is None else hooks:
+    for hook in _hook_bar(list(train.x) if hooks is None else hooks, progress):
         cal = [(calib_or_train[i].x[hook][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)]
         lstd = [lstd_path(train.x[hook][tr.rows], train.x_next[hook][tr.rows], tr.reward_, tr.terminal_, gamma)
                 if len(tr.rows) >= 2 else None for tr, _, _ in per_version]
@@ -308,6 +319,7 @@ def evaluation_table(
     random_net: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None,
     seed: int = 0,
     ceilings: Mapping[str, list[dict[str, LinearValue]]] | None = None,
+    progress: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of figures for every value source, hook point and policy version on the test split.
 
@@ -321,6 +333,7 @@ def evaluation_table(
             randomly initialised network (standardised), for the random-network floor.
         seed: seed of the random direction (and of the principal component's start).
         ceilings: the output of :func:`fit_ceilings` on the same splits, when already computed.
+        progress: a label for a bar of the hook points scored (stderr); None: silent.
     """
     rows: list[dict[str, Any]] = []
     V = len(version_names)
@@ -329,7 +342,7 @@ def evaluation_table(
         ceilings = fit_ceilings(train, calib, gamma, V)
     calib_episodes = [int(len(np.unique(calib_or_train[i].episode[ca.rows]))) for i, (_, ca, _) in enumerate(per_version)]
 
-    for hook in train.x:
+    for hook in _hook_bar(list(train.x), progress):
         fitted: dict[str, list[LinearValue]] = {}
         random_floor = None
         if random_net and hook in random_net:
