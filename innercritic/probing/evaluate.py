@@ -148,8 +148,7 @@ def _terminated(data: Split, rows: np.ndarray) -> np.ndarray:
     return np.isin(data.episode[rows], done)
 
 
-def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.ndarray, gamma: float,
-          intervals: bool = True) -> dict[str, float]:
+def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.ndarray, gamma: float) -> dict[str, float]:
     """Every figure of one value source on ``rows`` of a split.
 
     Against the Monte-Carlo return over all rows (``r2_return``) and over the rows of terminated episodes
@@ -158,8 +157,9 @@ def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.
     critic's error and depend on the time left, which no state shows. Against the exact value (the maze):
     R^2 over states, ``r2_exact_ep`` (every test episode weighted the same, :func:`~innercritic.stats.grouped_r2`:
     the headline), Pearson, Spearman and ``spearman_exact_within``, the mean Spearman inside each episode
-    (does the source rank the squares of one maze right). ``r2_critic`` is against the agent's own critic. With ``intervals``, ``<figure>_lo`` /
-    ``_hi`` are 95% intervals of the R^2 figures from resampling test episodes (:func:`bootstrap_r2`)."""
+    (does the source rank the squares of one maze right). ``r2_critic`` is against the agent's own critic.
+    ``<figure>_lo`` / ``_hi`` are 95% intervals of the R^2 figures from resampling test episodes
+    (:func:`~innercritic.stats.bootstrap_r2`)."""
     target = data.ret[rows]
     episodes = data.episode[rows]
     done = _terminated(data, rows)
@@ -179,11 +179,10 @@ def score(pred: np.ndarray, pred_next: np.ndarray | None, data: Split, rows: np.
         out.update(r2_exact=r2(pred, exact), r2_exact_ep=grouped_r2(pred, exact, episodes), pearson_exact=pearson(pred, exact),
                    spearman_exact=spearman(pred, exact), spearman_exact_within=within_group_spearman(pred, exact, episodes))
     out["r2_critic"] = r2(pred, data.value[rows])
-    if intervals:
-        for name, t in targets.items():
-            out[f"r2_{name}_lo"], out[f"r2_{name}_hi"] = bootstrap_r2(pred, t, episodes)
-        if "exact" in targets:
-            out["r2_exact_ep_lo"], out["r2_exact_ep_hi"] = bootstrap_r2(pred, targets["exact"], episodes, equal_groups=True)
+    for name, t in targets.items():
+        out[f"r2_{name}_lo"], out[f"r2_{name}_hi"] = bootstrap_r2(pred, t, episodes)
+    if "exact" in targets:
+        out["r2_exact_ep_lo"], out["r2_exact_ep_hi"] = bootstrap_r2(pred, targets["exact"], episodes, equal_groups=True)
     return out
 
 
@@ -246,10 +245,12 @@ def _hook_bar(hooks: Sequence[str], label: str | None):
 
 def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int,
                  hooks: Sequence[str] | None = None, progress: str | None = None) -> dict[str, list[dict[str, LinearValue]]]:
-    """Ridge and LSTD per hook point and policy version, each at the penalty of :func:`shared_penalty`.
+    """Ridge, LSTD and ridge on the critic per hook point and policy version, each at the penalty of
+    :func:`shared_penalty`.
 
-    ``{hook: [{"ridge": LinearValue, "lstd": LinearValue, "ridge_critic": LinearValue}, ...one per version]}`` (a version with
-    fewer than 2 train rows gets an empty dict), for ``hooks`` (None: every hook point of the splits).
+    ``{hook: [{"ridge": LinearValue, "lstd": LinearValue, "ridge_critic": LinearValue}, ...one per version]}``
+    (a version with fewer than 2 train rows gets an empty dict), for ``hooks`` (None: every hook point of the
+    splits). ``ridge_critic`` is ridge on the critic's own values, the positive control's closed form.
     The probe module reads the chosen penalties to give its SGD probes the same L2 strength, and hands
     the fits back to :func:`evaluation_table`. ``progress`` labels a bar of the hook points (stderr).
     """

@@ -14,7 +14,8 @@ A value source is any callable ``value_fn(obs uint8 (B, C, H, W)) -> float (B,)`
 :func:`critic_value_fn` (the agent's own critic), :func:`probe_value_fn` (a linear probe on a
 standardised hook activation), :func:`linear_value_fn` (the same from a closed-form ridge / LSTD
 fit) and, in the cheese maze, :func:`exact_value_fn` (the exact value of the agent's policy: the
-planner's own check, since lookahead on the true value of a policy that reaches the cheese must too). Environments: the cheese maze (the whole batch is looked ahead at once with
+planner's own check, since lookahead on the true value of a policy that reaches the cheese must too).
+Environments: the cheese maze (the whole batch is looked ahead at once with
 ``clone_state``/``restore_state``) and gymnasium ``SyncVectorEnv`` envs such as MiniGrid (each
 sub-env is deep-copied once per action: about 1.3 ms per copy for DoorKey-5x5, so MiniGrid planning
 costs ~10 ms per env and step).
