@@ -284,6 +284,11 @@ def test_exact_value_fn_is_the_bellman_solution_of_the_agents_own_policy(small_a
     no_cheese = obs.copy()
     no_cheese[:, 2] = 0
     assert value(torch.from_numpy(no_cheese)).abs().max() == 0
+    # The cache's exact values (one episode per first observation here) are the same solution.
+    from innercritic.probing.evaluate import maze_exact_values
+
+    cached = maze_exact_values(obs, np.arange(len(obs)), np.zeros(len(obs), int), ["policy"], agent, GAMMA)
+    assert np.allclose(cached, value(torch.from_numpy(obs)).numpy(), atol=1e-12) and cached.min() > 0
 
 
 def test_probe_value_fn_one_hot_reads_the_standardised_feature(small_agent):

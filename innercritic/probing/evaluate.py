@@ -32,7 +32,7 @@ import torch
 from innercritic.agents.noisy import parse_version
 from innercritic.envs.maze_values import policy_value
 from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, fit_affine, fit_ridge, lstd_path, ridge_path
-from innercritic.probing.maze_exact import within_group_spearman
+from innercritic.probing.maze_exact import every_square, within_group_spearman
 from innercritic.probing.metrics import dominance_accuracy, mse_over_var, normalised_td_error, pearson, r2, spearman
 from innercritic.stats import bootstrap_r2, grouped_r2
 
@@ -97,16 +97,7 @@ def maze_exact_values(obs: np.ndarray, episode: np.ndarray, version: np.ndarray,
     starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
     ends = np.r_[starts[1:], len(episode)]
     # One batch of "mouse at every free square" observations for all episodes together.
-    frames, owners, squares = [], [], []
-    for k, s in enumerate(starts):
-        first = np.asarray(obs[s])
-        free = np.argwhere(first[0] == 0)
-        many = np.repeat(first[None], len(free), axis=0)
-        many[:, 1] = 0
-        many[np.arange(len(free)), 1, free[:, 0], free[:, 1]] = 1
-        frames.append(many)
-        owners.append(np.full(len(free), k))
-        squares.append(free)
+    frames = [every_square(np.asarray(obs[s]))[0] for s in starts]
     frames_all = np.concatenate(frames)
     agent_device = next(agent.parameters()).device
     logits = torch.cat([agent.policy_logits(torch.from_numpy(frames_all[i:i + batch]).to(agent_device)).float().cpu()
