@@ -196,8 +196,9 @@ def probe_findings(summaries: Sequence[Mapping[str, Any]], runs: Sequence[str],
         findings.append(f"- **Label-free probe (slack + neg_var) at `{unsup_at}`**: {metric_name} {_fmt(mean_un)} (mean over seeds), "
                         f"against the best floor's {_fmt(best_floor)} (random direction, top principal component): "
                         + ("**above its floors** in every seed's interval." if above else
-                           "**not above its floors** (null): dominance between separately fitted heads is met by their offsets, "
-                           "so what is left, the variance term, picks the layer's top principal direction."))
+                           "**not above its floors** (null), as expected where dominance between separately fitted heads is "
+                           "met by their offsets: the variance term then picks the layer's top principal direction "
+                           "(tests/test_value_probe.py plants a value to show both cases)."))
     crit = np.array(results["critic"][f"r2_{target}"], dtype=float)
     findings.append(f"- **The critic as ceiling**: {metric_name} {_fmt(float(np.nanmean(crit)))} (seeds {', '.join(_fmt(c) for c in crit)}); "
                     + ("a real ceiling (>= 0.7)." if np.nanmin(crit) >= 0.7 else
