@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import yaml
 
 from innercritic.cache.format import file_sha256, jsonable, write_json_atomic
-from innercritic.probing.findings import probe_findings
+from innercritic.probing.findings import fmt as _fmt, probe_findings
 from innercritic.errors import InnerCriticError, MissingFileError, exit_on_user_error
 
 __all__ = ["main", "run_loop", "steering_verdicts", "write_report"]
@@ -300,12 +300,6 @@ def _set(config: dict[str, Any], dotted: str, value: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The report
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
-        return f"{x:.{digits}f}"
-    return "-"
 
 
 # Per vector source: the behaviours the literature reports, each as (metric, sign of the coefficient,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from innercritic.agents.checkpoint import load_agent  # noqa: E402
 from innercritic.agents.networks import ActorCritic  # noqa: E402
 from innercritic.envs.factory import make_env  # noqa: E402
-from innercritic.probing.maze_exact import every_square, maze_square_values, square_figures  # noqa: E402
+from innercritic.probing.maze_exact import maze_square_values, square_figures  # noqa: E402
 
 
 def parse_tower(text: str) -> tuple[list[int], int]:
@@ -51,14 +51,9 @@ def parse_tower(text: str) -> tuple[list[int], int]:
 def dataset(agent: ActorCritic, kwargs: dict, mazes: int, seed: int, gamma: float):
     env = make_env("maze", num_envs=mazes, seed=seed, **kwargs)
     first, _ = env.reset(seed=seed)
-    first = np.asarray(first)
-    values = maze_square_values(agent, first, gamma)
-    frames = []
-    for obs, m in zip(first, values):
-        many, free = every_square(obs)
-        keep = ~np.all(free[:, None] == m["squares"][None], axis=2).any(1)  # the cheese square
-        frames.append(np.delete(many, np.flatnonzero(keep), axis=0))
-    return torch.from_numpy(np.concatenate(frames)), torch.from_numpy(np.concatenate([m["exact"] for m in values])).float(), values
+    values = maze_square_values(agent, np.asarray(first), gamma)
+    frames = torch.from_numpy(np.concatenate([m["frames"] for m in values]))
+    return frames, torch.from_numpy(np.concatenate([m["exact"] for m in values])).float(), values
 
 
 def main() -> None:
@@ -98,15 +93,8 @@ def main() -> None:
             sched.step()
         wall = time.perf_counter() - start
         net.eval()
-        scored = [dict(m) for m in test]
-        with torch.no_grad():
-            env = make_env("maze", num_envs=args.test_mazes, seed=2, **kwargs)
-            first, _ = env.reset(seed=2)
-            for m, obs in zip(scored, np.asarray(first)):
-                many, free = every_square(obs)
-                v = net.value(torch.from_numpy(many)).double().numpy()
-                pos = {tuple(sq): k for k, sq in enumerate(free.tolist())}
-                m["critic"] = v[[pos[tuple(sq)] for sq in m["squares"].tolist()]]
+        with torch.no_grad():  # the fitted tower in the critic's place, on the same squares
+            scored = [{**m, "critic": net.value(torch.from_numpy(m["frames"])).double().numpy()} for m in test]
         for weighting in ("uniform", "occupancy"):
             mid, lo, hi = square_figures(scored, weighting, boot=200)["r2"]
             figures[f"{text}/{weighting}/r2"] = mid

@@ -25,7 +25,7 @@ import numpy as np
 
 from innercritic.probing.evaluate import aggregate
 
-__all__ = ["CLOSED_FORMS", "CONTROL_PREFIX", "closed_form_gaps", "probe_findings"]
+__all__ = ["CLOSED_FORMS", "CONTROL_PREFIX", "closed_form_gaps", "fmt", "probe_findings"]
 
 CONTROL_PREFIX = "critic_encoder."  # hook points of the critic tower: the positive control's
 FLOORS = ("random_dir", "top_pc")
@@ -46,7 +46,8 @@ def closed_form_gaps(tables: Sequence[Sequence[Mapping[str, Any]]], version: str
     return out
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number to ``digits`` decimals, or "-" for what is not a finite number (the report's cells)."""
     if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
         return f"{x:.{digits}f}"
     return "-"
@@ -61,7 +62,7 @@ def _pm(row: Mapping[str, Any] | None, key: str) -> str:
 def _ci(row: Mapping[str, Any] | None, key: str) -> str:
     if not row or not isinstance(row.get(key), (int, float)):
         return "-"
-    return f"{_fmt(row[key])} [{_fmt(row.get(key + '_lo'))}, {_fmt(row.get(key + '_hi'))}]"
+    return f"{fmt(row[key])} [{fmt(row.get(key + '_lo'))}, {fmt(row.get(key + '_hi'))}]"
 
 
 def _short(hook: str | None) -> str:
@@ -125,15 +126,15 @@ def probe_findings(summaries: Sequence[Mapping[str, Any]], runs: Sequence[str],
     for name, summary, t in zip(runs, summaries, tables):
         row, critic = pick(t, probe, hook), pick(t, "critic", None)
         comp = (summary.get("test_split") or {}).get(policy) or {}
-        lines.append(f"| {name} | {_ci(row, metric)} | {_ci(critic, metric)} | {_ci(row, 'r2_exact')} | {_fmt((row or {}).get('spearman_exact'))} | "
-                     f"{_fmt((row or {}).get('spearman_exact_within'))} | {_fmt((row or {}).get('r2_return_terminated'))} | "
-                     f"{_fmt((row or {}).get('r2_return'))} | {comp.get('episodes', '-')} | {comp.get('cut_episodes', '-')} |")
+        lines.append(f"| {name} | {_ci(row, metric)} | {_ci(critic, metric)} | {_ci(row, 'r2_exact')} | {fmt((row or {}).get('spearman_exact'))} | "
+                     f"{fmt((row or {}).get('spearman_exact_within'))} | {fmt((row or {}).get('r2_return_terminated'))} | "
+                     f"{fmt((row or {}).get('r2_return'))} | {comp.get('episodes', '-')} | {comp.get('cut_episodes', '-')} |")
     heads = np.array(results["probe"][f"r2_{target}"], dtype=float)
     cis = np.array([[np.nan if v is None else v for v in ci] for ci in results["probe"][f"r2_{target}_ci"]], dtype=float)
     spread = float(np.nanmax(heads) - np.nanmin(heads)) if len(heads) else math.nan
     half = float(np.nanmax((cis[:, 1] - cis[:, 0]) / 2)) if len(cis) else math.nan
     results["probe"]["seed_spread"], results["probe"]["ci_half_width"] = spread, half
-    lines += ["", f"The seeds' headlines span {_fmt(spread)} (largest minus smallest); the widest interval is ±{_fmt(half)}.", ""]
+    lines += ["", f"The seeds' headlines span {fmt(spread)} (largest minus smallest); the widest interval is ±{fmt(half)}.", ""]
 
     # Every source at the headline hook point, mean ± standard deviation over the seeds.
     lines += [f"Every value source at `{hook}` (and the hook-free ones), mean ± standard deviation over seeds:", "",
@@ -145,7 +146,7 @@ def probe_findings(summaries: Sequence[Mapping[str, Any]], runs: Sequence[str],
     for r in rows:
         lines.append(f"| {r['source']} | {_short(r['hook'])} | {_pm(r, metric)} | {_pm(r, 'r2_exact')} | {_pm(r, 'spearman_exact')} | "
                      f"{_pm(r, 'spearman_exact_within')} | {_pm(r, 'r2_return_terminated')} | {_pm(r, 'r2_return')} | "
-                     f"{_pm(r, 'r2_critic')} | {_pm(r, 'td_error')} | {_fmt(r.get('labelled_episodes'), 0)} |")
+                     f"{_pm(r, 'r2_critic')} | {_pm(r, 'td_error')} | {fmt(r.get('labelled_episodes'), 0)} |")
 
     # Per layer, both towers.
     sources = [s for s in dict.fromkeys(r["source"] for r in table if r["hook"] is not None)]
@@ -153,7 +154,7 @@ def probe_findings(summaries: Sequence[Mapping[str, Any]], runs: Sequence[str],
               "`critic_encoder.*` is the critic tower, the positive control):", "",
               "| source | " + " | ".join(hooks) + " |", "|---|" + "---|" * len(hooks)]
     for source in sources:
-        cells = [_fmt((next((x for x in table if x["source"] == source and x["hook"] == h and x["version"] == policy), None) or {})
+        cells = [fmt((next((x for x in table if x["source"] == source and x["hook"] == h and x["version"] == policy), None) or {})
                       .get(metric)) for h in hooks]
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
 
@@ -180,7 +181,7 @@ def probe_findings(summaries: Sequence[Mapping[str, Any]], runs: Sequence[str],
         if got:
             ok = min(got) >= 0.99
             findings.append(f"- **Positive control {'holds' if ok else 'FAILS'}**: the supervised probe of the critic at `{control}` "
-                            f"reads the critic with R² {_fmt(min(got))}-{_fmt(max(got))} over {len(got)} seed(s) (asked: >= 0.99)"
+                            f"reads the critic with R² {fmt(min(got))}-{fmt(max(got))} over {len(got)} seed(s) (asked: >= 0.99)"
                             + ("." if ok else ": the probing machinery misses a value that is there; no null below can be trusted."))
     # The label-free probe where a value direction exists (the control) and at the headline.
     unsup_at = control or hook
@@ -193,23 +194,23 @@ def probe_findings(summaries: Sequence[Mapping[str, Any]], runs: Sequence[str],
         lows = [c[0] for c in results["unsupervised"][f"r2_{target}_ci"] if c[0] is not None]
         mean_un = float(np.nanmean(results["unsupervised"][f"r2_{target}"]))
         above = bool(lows) and min(lows) > best_floor
-        findings.append(f"- **Label-free probe (slack + neg_var) at `{unsup_at}`**: {metric_name} {_fmt(mean_un)} (mean over seeds), "
-                        f"against the best floor's {_fmt(best_floor)} (random direction, top principal component): "
+        findings.append(f"- **Label-free probe (slack + neg_var) at `{unsup_at}`**: {metric_name} {fmt(mean_un)} (mean over seeds), "
+                        f"against the best floor's {fmt(best_floor)} (random direction, top principal component): "
                         + ("**above its floors** in every seed's interval." if above else
                            "**not above its floors** (null), as expected where dominance between separately fitted heads is "
                            "met by their offsets: the variance term then picks the layer's top principal direction "
                            "(tests/test_value_probe.py plants a value to show both cases)."))
     crit = np.array(results["critic"][f"r2_{target}"], dtype=float)
-    findings.append(f"- **The critic as ceiling**: {metric_name} {_fmt(float(np.nanmean(crit)))} (seeds {', '.join(_fmt(c) for c in crit)}); "
+    findings.append(f"- **The critic as ceiling**: {metric_name} {fmt(float(np.nanmean(crit)))} (seeds {', '.join(fmt(c) for c in crit)}); "
                     + ("a real ceiling (>= 0.7)." if np.nanmin(crit) >= 0.7 else
                        "below the 0.7 a ceiling needs: the agent's own value estimate is itself poor, so probe figures are "
                        "read against it (BENCHMARKS.md, \"Critic capacity\")."))
     lo_all = np.nanmin(cis[:, 0]) if len(cis) else math.nan
-    findings.append(f"- **Headline, {probe} at `{hook}`**: {metric_name} {_fmt(float(np.nanmean(heads)))} (seeds "
-                    f"{', '.join(_fmt(h) for h in heads)}; spread {_fmt(spread)}, widest interval ±{_fmt(half)}): "
+    findings.append(f"- **Headline, {probe} at `{hook}`**: {metric_name} {fmt(float(np.nanmean(heads)))} (seeds "
+                    f"{', '.join(fmt(h) for h in heads)}; spread {fmt(spread)}, widest interval ±{fmt(half)}): "
                     + ("**positive**, every seed's interval above 0." if lo_all > 0 else
                        "**null**: an interval reaches 0 or below, no linear read-out of the value at this layer beyond the mean.")
-                    + f" The critic on the same states: {_fmt(float(np.nanmean(crit)))}.")
+                    + f" The critic on the same states: {fmt(float(np.nanmean(crit)))}.")
     lines += ["", "### Findings", "", *findings]
 
     if summaries[0].get("solver") == "sgd":  # the convergence check matters only where SGD fitted the supervised probes
@@ -218,7 +219,7 @@ def probe_findings(summaries: Sequence[Mapping[str, Any]], runs: Sequence[str],
             lines += ["", "SGD probes against their closed forms (largest |R² probe - R² closed form| over the seeds, against returns):", "",
                       "| probe vs closed form | " + " | ".join(hooks) + " |", "|---|" + "---|" * len(hooks)]
             for pair, per_hook in gaps.items():
-                lines.append(f"| {pair} | " + " | ".join(_fmt(per_hook.get(h), 4) for h in hooks) + " |")
+                lines.append(f"| {pair} | " + " | ".join(fmt(per_hook.get(h), 4) for h in hooks) + " |")
     dom = [r for r in table if r["source"].startswith("probe:") and r["hook"] == hook and "dominance" in r]
     if dom:
         lines += ["", "Dominance accuracy (fraction of test states where the policy's head exceeds the noisy version's):", "",

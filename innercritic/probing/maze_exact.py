@@ -58,7 +58,8 @@ def maze_square_values(agent: torch.nn.Module, first_obs: np.ndarray, gamma: flo
                        max_steps: int | None = None, batch: int = 4096) -> list[dict[str, Any]]:
     """Per maze of ``first_obs`` (N, 3, S, S), at every free square but the cheese: ``exact`` (the exact value
     of ``version`` of the policy), ``critic`` (the agent's value), ``occupancy`` (expected visits from the
-    start within ``max_steps``, default 4 n^2 for the maze's n open rows and columns) and ``squares`` (F, 2)."""
+    start within ``max_steps``, default 4 n^2 for the maze's n open rows and columns), ``squares`` (F, 2) and
+    ``frames`` (F, 3, S, S), the observations with the mouse there."""
     policy = parse_version(version)
     device = next(agent.parameters()).device
     out = []
@@ -77,8 +78,8 @@ def maze_square_values(agent: torch.nn.Module, first_obs: np.ndarray, gamma: flo
         n = int(free[:, 0].max() - free[:, 0].min() + 1)
         visits = _occupancy(walls, probs, index[cheese_at], index[start_at], max_steps or 4 * n * n)
         keep = np.arange(len(free)) != index[cheese_at]
-        out.append({"squares": free[keep], "exact": exact[keep], "critic": torch.cat(value).double().cpu().numpy()[keep],
-                    "occupancy": visits[keep]})
+        out.append({"squares": free[keep], "frames": frames[keep], "exact": exact[keep],
+                    "critic": torch.cat(value).double().cpu().numpy()[keep], "occupancy": visits[keep]})
     return out
 
 
