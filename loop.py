@@ -9,8 +9,10 @@ summary.json and offline W&B run, and can be rerun alone with the command the re
    trained from the same config and arguments (reused) or ``agent_ckpt`` names one;
    (a config may stop after any stage: without ``probe`` there is no probe or steer stage)
 2. ``probe``: ``train.py fit`` with the probe config once per seed (the seed sets the episode
-   split, the initialisation and the random floors); the first run collects the trajectory cache,
-   the others reuse it; the first also plans with the probe, ridge and the critic;
+   split, the initialisation and the random floors), every seed in one process (``train.py runs``, so
+   the cache is opened and verified, and its exact values solved, once); the first run collects the
+   trajectory cache, the others reuse it; the first also plans with the probe, ridge and the critic;
+   each seed's own command, which reruns it alone, is in the report;
 3. ``steer``: ``train.py test`` with each steering config (the cheese vector against a random
    control; the value probe's direction, read from the first probe run);
 4. ``report``: ``report.md`` with the headline figures (probe quality over seeds with its spread,
@@ -109,17 +111,32 @@ class _Stages:
 
     def run(self, name: str, cmd: list[str], folder: Path, inputs: Sequence[str | Path] = (), resumable: bool = False) -> Path:
         """Run (or skip, or resume) stage ``name``; returns its run folder (``folder/version_N``)."""
+        return self._stage(name, [cmd], folder, [folder], inputs, resumable)[0]
+
+    def run_all(self, name: str, cmds: Sequence[list[str]], folder: Path, outputs: Sequence[Path],
+                inputs: Sequence[str | Path] = ()) -> list[Path]:
+        """Stage ``name`` as the commands ``cmds`` run one after the other in one process (``train.py runs``,
+        from ``folder/runs.json``), command k writing its run under ``outputs[k]``; returns those run folders.
+        An interrupted one is redone whole."""
+        return self._stage(name, list(cmds), folder, list(outputs), inputs, resumable=False)
+
+    def _stage(self, name: str, cmds: list[list[str]], folder: Path, outputs: list[Path], inputs: Sequence[str | Path],
+               resumable: bool) -> list[Path]:
         self.done += 1
         tag = f"[loop] stage {self.done}/{self.total} {name}"
+        many = len(cmds) > 1
+        cmd = _command("runs", str(folder / "runs.json")) if many else cmds[0]
         self.commands[name] = _shown(cmd)
-        parts = _request_parts(cmd, inputs)
+        parts = _request_parts(cmds, inputs)
         request = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         marker = folder / "stage.json"
         previous = json.loads(marker.read_text()) if marker.is_file() else {}
-        if previous.get("request") == request and previous.get("status") == "done" and (Path(previous["run"]) / "summary.json").is_file():
-            print(f"{tag}: skipped, finished earlier with the same arguments, configs and inputs ({_relative(previous['run'])})", flush=True)
+        runs = [Path(r) for r in previous.get("runs", [previous["run"]] if "run" in previous else [])]
+        if (previous.get("request") == request and previous.get("status") == "done" and runs
+                and all((r / "summary.json").is_file() for r in runs)):
+            print(f"{tag}: skipped, finished earlier with the same arguments, configs and inputs ({', '.join(_relative(r) for r in runs)})", flush=True)
             self.timings[name] = float(previous.get("seconds", 0.0))
-            return Path(previous["run"])
+            return runs
         if previous and previous.get("request") != request:
             changed = [k for k in parts if previous.get("parts", {}).get(k) != parts[k]] or ["request"]
             print(f"{tag}: rerun, its {' and '.join(changed)} changed since the earlier run", flush=True)
@@ -132,6 +149,8 @@ class _Stages:
                 print(f"{tag}: redoing the interrupted run", flush=True)
         print(f"{tag}: {_shown(cmd)}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
+        if many:
+            (folder / "runs.json").write_text(json.dumps([c[2:] for c in cmds], indent=1) + "\n")  # without "python train.py"
         marker.write_text(json.dumps({"request": request, "parts": parts, "status": "running"}))
         start = time.perf_counter()
         returncode = self._spawn(name, cmd)
@@ -141,10 +160,11 @@ class _Stages:
             message = f"loop stage {name!r} failed (exit {returncode}): {_stage_error(lines)} -- full log: {self.logs / (name + '.log')}"
             # Exit 2 is a stage's user error (train.py's one-line `error: ...`): the loop's too; anything else is a crash.
             raise (InnerCriticError if returncode == 2 else StageCrash)(message)
-        run = _latest_run(folder)
-        marker.write_text(json.dumps({"request": request, "parts": parts, "status": "done", "run": str(run), "seconds": self.timings[name]}))
+        runs = [_latest_run(out) for out in outputs]
+        marker.write_text(json.dumps({"request": request, "parts": parts, "status": "done", "runs": [str(r) for r in runs],
+                                      "seconds": self.timings[name]}))
         print(f"{tag}: done in {self.timings[name]:.0f} s", flush=True)
-        return run
+        return runs
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
         """Run ``cmd`` in a new process group, its output copied to the stage's log and the terminal."""
@@ -187,15 +207,16 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
             continue
 
 
-def _request_parts(cmd: Sequence[str], inputs: Sequence[str | Path]) -> dict[str, str]:
-    """What decides a stage's outputs, each part hashed: its arguments, the texts of its config files, its input files."""
-    args = [a for a in cmd[1:] if not a.startswith("--ckpt_path=")]
-    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+def _request_parts(cmds: Sequence[Sequence[str]], inputs: Sequence[str | Path]) -> dict[str, str]:
+    """What decides a stage's outputs, each part hashed: its commands' arguments, the texts of their config
+    files, its input files."""
+    args = [[a for a in cmd[1:] if not a.startswith("--ckpt_path=")] for cmd in cmds]
+    configs = sorted({a[i + 1] for a in args for i, flag in enumerate(a[:-1]) if flag in ("-c", "--config")})
 
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
-    return {"arguments": digest(args), "configs": digest({c: (ROOT / c).read_text() for c in configs}),
+    return {"arguments": digest(args[0] if len(args) == 1 else args), "configs": digest({c: (ROOT / c).read_text() for c in configs}),
             "inputs": digest({str(p): file_sha256(p) for p in inputs})}
 
 
@@ -239,7 +260,7 @@ def run_loop(config_path: str | Path, overrides: dict[str, Any] | None = None) -
         raise InnerCriticError("loop config has a steer section but no probe section: steering reads the probe runs")
     agent = config.get("agent", {})
     steer = config.get("steer") or {}
-    stages = _Stages(root, total=(0 if agent.get("agent_ckpt") else 1) + len(seeds) + len(steer))
+    stages = _Stages(root, total=(0 if agent.get("agent_ckpt") else 1) + (1 if seeds else 0) + len(steer))
     start = time.perf_counter()
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -253,14 +274,19 @@ def run_loop(config_path: str | Path, overrides: dict[str, Any] | None = None) -
             agent_ckpt = str(agent_run / "checkpoints" / "last.ckpt")
 
         probe_runs = []
-        for k, seed in enumerate(seeds):
-            folder = root / f"probe_seed{seed}"
-            args = ["fit", "-c", probe_config, f"--data.agent_ckpt={agent_ckpt}", f"--data.cache_dir={root / 'cache'}",
-                    f"--seed_everything={seed}", f"--data.split_seed={seed}", f"--model.eval_seed={seed}",
-                    f"--trainer.default_root_dir={folder}", *[str(a) for a in probe.get("args", [])]]
-            if k == 0 and probe.get("planning_episodes"):
-                args.append(f"--model.planning_episodes={int(probe['planning_episodes'])}")
-            probe_runs.append(stages.run(f"probe_seed{seed}", _command(*args), folder, inputs=[agent_ckpt]))
+        if seeds:
+            # One process for every seed (``train.py runs``): they share one load of the cache and its exact
+            # values. Each seed's command is also the one that reruns that seed alone.
+            cmds = []
+            for k, seed in enumerate(seeds):
+                args = ["fit", "-c", probe_config, f"--data.agent_ckpt={agent_ckpt}", f"--data.cache_dir={root / 'cache'}",
+                        f"--seed_everything={seed}", f"--data.split_seed={seed}", f"--model.eval_seed={seed}",
+                        f"--trainer.default_root_dir={root / f'probe_seed{seed}'}", *[str(a) for a in probe.get("args", [])]]
+                if k == 0 and probe.get("planning_episodes"):
+                    args.append(f"--model.planning_episodes={int(probe['planning_episodes'])}")
+                cmds.append(_command(*args))
+                stages.commands[f"probe_seed{seed}"] = _shown(cmds[-1])
+            probe_runs = stages.run_all("probe", cmds, root / "probe", [root / f"probe_seed{seed}" for seed in seeds], inputs=[agent_ckpt])
 
         steer_runs = {}
         first_summary = json.loads((probe_runs[0] / "summary.json").read_text()) if probe_runs else {}

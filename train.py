@@ -11,6 +11,7 @@ WANDB_MODE says otherwise, so nothing waits on a network) sits in ``<default_roo
     python train.py fit -c configs/ppo/maze.yaml
     python train.py fit -c configs/ppo/maze.yaml --ckpt_path runs/ppo_maze/version_0/checkpoints/last.ckpt
     python train.py loop -c configs/loop/maze.yaml    # the whole loop: train, collect, probe, plan, steer, report
+    python train.py runs RUNS.json                    # several commands (a JSON list of argument lists) in one process
 
 Bad input (an unknown env id, a hook point that does not exist, a checkpoint that cannot be read or
 is of the wrong kind, a value out of range) ends the command with one ``error: ...`` line on stderr
@@ -305,8 +306,47 @@ def main(args: list[str] | None = None) -> InnerCriticCLI:
         raise
 
 
+def run_many(path: str | Path) -> None:
+    """``python train.py runs RUNS.json``: each command of RUNS.json (a JSON list of argument lists, each what
+    would follow ``python train.py``) run in order in this one process, each with its own run folder and
+    W&B run, exactly as it would run alone.
+
+    Why one process: the seeds of a probe sweep read the same trajectory cache, and a process of their
+    own each would import everything, open and verify the cache and solve its exact values again
+    (``datamodules.trajectories`` keeps an opened cache for the runs after the first). A user error in
+    one command stops the rest (its own folders are removed, as for a lone command).
+    """
+    import gc
+    import json
+
+    path = Path(path)
+    try:
+        commands = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InnerCriticError(f"runs file {str(path)!r} cannot be read as JSON: {err}") from None
+    if not isinstance(commands, list) or not commands or not all(isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in commands):
+        raise InnerCriticError(f"runs file {str(path)!r} must hold a non-empty JSON list of argument lists, "
+                               'e.g. [["fit", "-c", "configs/probe/maze.yaml", "--seed_everything=1"]]')
+    for k, args in enumerate(commands, 1):
+        if args[0] in ("loop", "runs"):
+            raise InnerCriticError(f"runs file {str(path)!r}: command {k} is `{args[0]}`; list fit/validate/test/predict commands only")
+    for k, args in enumerate(commands, 1):
+        print(f"[runs] {k}/{len(commands)}: python train.py {' '.join(args)}", flush=True)
+        main(args)
+        import wandb
+
+        wandb.finish()  # each command's W&B run ends with it (a later wandb.init would otherwise continue it)
+        gc.collect()  # the last run's full-batch splits (gigabytes) go before the next run gathers its own
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["loop"]:  # the whole research loop: every stage is a run of this same CLI
+    if sys.argv[1:2] == ["runs"]:
+        if len(sys.argv) != 3:
+            print("error: train.py runs takes one runs file: python train.py runs RUNS.json (a JSON list of argument lists, "
+                  "each what follows `python train.py`)", file=sys.stderr)
+            sys.exit(2)
+        exit_on_user_error(lambda: run_many(sys.argv[2]))
+    elif sys.argv[1:2] == ["loop"]:  # the whole research loop: every stage is a run of this same CLI
         from loop import main as loop_main
 
         loop_main(sys.argv[2:])

@@ -72,6 +72,12 @@ __all__ = ["TrajectoryDataModule", "TransitionDataset"]
 
 _STATS_CHUNK = 4096
 
+# Caches opened by earlier runs in this process (``train.py runs``: the seeds of a probe sweep), with the
+# per-row columns and exact values computed from them: {(cache folder, manifest sha256, verified): state}.
+# The manifest's hash names the cache's contents (every file's sha256 is in it), so a rebuilt cache is a
+# new entry. One entry is kept: a sweep reads one cache, and an entry holds its exact values.
+_OPENED: dict[tuple[str, str, bool], dict[str, Any]] = {}
+
 
 def _identity(batch: Any) -> Any:
     """collate_fn: the dataset's ``__getitems__`` already returns a whole batch."""
@@ -96,7 +102,11 @@ class TransitionDataset(Dataset):
     def standardised(self, hook: str, rows: np.ndarray) -> np.ndarray:
         """Activations of ``hook`` at cache ``rows``, flattened and standardised: float32 (len(rows), D)."""
         mean, std = self.stats[hook]
-        return (self.cache.gather(f"act.{hook}", rows).reshape(len(rows), len(mean)) - mean) / std
+        # In place on the gathered copy: a split's activations are gigabytes, and each temporary a pass over them.
+        out = self.cache.gather(f"act.{hook}", rows).reshape(len(rows), len(mean)).astype(np.float32, copy=False)
+        out -= mean
+        out /= std
+        return out
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -206,6 +216,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self._whole: dict[str, dict[str, Any]] = {}
         self._columns: dict[str, np.ndarray] = {}
         self._exact: np.ndarray | None = None
+        self._shared: dict[str, Any] = {}
 
     @property
     def num_versions(self) -> int:
@@ -229,15 +240,16 @@ class TrajectoryDataModule(L.LightningDataModule):
             else:
                 raise RuntimeError(f"no complete trajectory cache at {str(self.cache_dir)!r}: prepare_data() did not run "
                                    f"on this node (set prepare_data_per_node or share cache_dir)")
-        cache = TrajectoryCache(self.cache_dir, verify=self.verify_checksums)
+        opened = self._open()
+        cache = opened["cache"]
         diffs = diff_requests(cache.request, self.request)
         if diffs:  # cache_status checked the same manifest; kept in case it changed in between
             raise CacheMismatchError(format_differences(self.cache_dir, diffs))
         self.cache = cache
         self.num_states = cache.num_rows
-        columns = {k: cache.column(k) for k in ("reward", "terminal", "truncated", "return", "bootstrapped", "value",
-                                                 "version", "episode", "step", "last")}
+        columns = opened["columns"]
         self._columns = columns
+        self._shared = opened
         self.train_episodes, self.calib_episodes, self.test_episodes = self.split_episodes()
         splits = {"train": self.train_episodes, "calib": self.calib_episodes, "test": self.test_episodes}
         train_states = np.flatnonzero(np.isin(columns["episode"], self.train_episodes))
@@ -246,6 +258,18 @@ class TrajectoryDataModule(L.LightningDataModule):
         for name, episodes in splits.items():
             rows = np.flatnonzero(transition & np.isin(columns["episode"], episodes))
             self._datasets[name] = TransitionDataset(cache, rows, self.stats, columns)
+
+    def _open(self) -> dict[str, Any]:
+        """The opened cache and its per-row columns: from an earlier run of this process when it opened the
+        same cache (same manifest, same checksum policy), else opened (and verified) now."""
+        key = (str(self.cache_dir.resolve()), file_sha256(self.cache_dir / "manifest.json"), self.verify_checksums)
+        if key not in _OPENED:
+            _OPENED.clear()
+            cache = TrajectoryCache(self.cache_dir, verify=self.verify_checksums)
+            columns = {k: cache.column(k) for k in ("reward", "terminal", "truncated", "return", "bootstrapped", "value",
+                                                     "version", "episode", "step", "last")}
+            _OPENED[key] = {"cache": cache, "columns": columns, "exact": {}}
+        return _OPENED[key]
 
     def split_episodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(train, calibration, test) global episode ids: a permutation of the episode indices from split_seed.
@@ -320,9 +344,14 @@ class TrajectoryDataModule(L.LightningDataModule):
         if not self.is_maze:
             return None
         if self._exact is None:
-            c = self.cache
-            self._exact = maze_exact_values(c.column("obs"), c.column("episode"), c.column("version"), self.version_names,
-                                            self.agent, self.gamma)
+            # Keyed by what they depend on beyond the cache (whose request already fixes the agent's weights).
+            key = (tuple(self.version_names), self.gamma)
+            shared = self._shared["exact"]
+            if key not in shared:
+                c = self.cache
+                shared[key] = maze_exact_values(c.column("obs"), c.column("episode"), c.column("version"), self.version_names,
+                                                self.agent, self.gamma)
+            self._exact = shared[key]
         return self._exact
 
     def split_arrays(self, split: str) -> Split:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -60,6 +61,18 @@ def grouped_r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, equal_g
     return float(_r2_of_sums(_group_sums(pred, target, groups, equal_groups).sum(0, keepdims=True))[0])
 
 
+@lru_cache(maxsize=32)
+def _resamples(k: int, draws: int, seed: int) -> np.ndarray:
+    """(draws, k) counts of each of k groups in ``draws`` resamples with replacement; read-only.
+
+    Drawn once per (k, draws, seed) and kept: an evaluation table asks for hundreds of intervals over the
+    same test episodes, each of which would draw these same counts again (the seed is shared, so every
+    source's interval comes from the same reruns)."""
+    counts = np.random.default_rng(seed).multinomial(k, np.full(k, 1.0 / k), size=draws).astype(np.float64)
+    counts.setflags(write=False)
+    return counts
+
+
 def bootstrap_r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, draws: int = 1000, seed: int = 0,
                  level: float = 0.95, equal_groups: bool = False) -> tuple[float, float]:
     """Percentile interval of R^2 of ``pred`` against ``target`` when whole ``groups`` (episodes, mazes) are
@@ -72,8 +85,7 @@ def bootstrap_r2(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, draws
     k = len(sums)
     if k < 2:
         return math.nan, math.nan
-    counts = np.random.default_rng(seed).multinomial(k, np.full(k, 1.0 / k), size=draws)  # (draws, k)
-    r2 = _r2_of_sums(counts @ sums)
+    r2 = _r2_of_sums(_resamples(k, draws, seed) @ sums)
     tail = (1.0 - level) / 2 * 100
     lo, hi = np.nanpercentile(r2, [tail, 100 - tail])
     return float(lo), float(hi)

@@ -134,6 +134,9 @@ class ValueProbe(L.LightningModule):
         self.gamma = 0.99
         self.results: dict[str, Any] = {}
         self.ceilings: dict[str, Any] | None = None
+        # The ceilings' second moments per hook point and version: the closed forms and the evaluation's
+        # top-principal-component floor are solved from them (dropped once the evaluation is done).
+        self._moments: dict[str, list[Any]] = {}
 
     # ------------------------------------------------------------------ construction and checkpoints
     def setup(self, stage: str) -> None:
@@ -185,7 +188,7 @@ class ValueProbe(L.LightningModule):
             train, calib = dm.split_arrays("train"), dm.split_arrays("calib")
             self._start_biases(train, V)
             if self.hparams.penalty == "match" or self.closed_form:
-                self.ceilings = fit_ceilings(train, calib, self.gamma, V, progress=self._bar("closed forms"))
+                self.ceilings = fit_ceilings(train, calib, self.gamma, V, progress=self._bar("closed forms"), moments=self._moments)
             if self.hparams.penalty == "match":
                 self._match_penalties(train, V)
             if self.closed_form:
@@ -259,9 +262,14 @@ class ValueProbe(L.LightningModule):
                     alone = [kind for kind, w in (("ridge", cfg.mc), ("lstd", cfg.td), ("ridge_critic", cfg.critic)) if w]
                     fit = self.ceilings[hook][i].get(alone[0]) if len(alone) == 1 else None
                     if fit is None or fit.alpha != alphas[alone[0]][i]:
-                        fit = fit_quadratic(train.x[hook][rows], train.x_next[hook][rows], train.ret[rows], train.reward[rows],
-                                            train.terminal[rows], self.gamma, cfg.mc, cfg.td, alphas["ridge"][i], alphas["lstd"][i],
-                                            value=train.value[rows], critic=cfg.critic, alpha_critic=alphas["ridge_critic"][i])
+                        moments = (self._moments.get(hook) or [None] * num_versions)[i]
+                        penalties = dict(alpha_mc=alphas["ridge"][i], alpha_td=alphas["lstd"][i], alpha_critic=alphas["ridge_critic"][i])
+                        if moments is not None:  # the ceilings' products of these rows
+                            fit = moments.quadratic(cfg.mc, cfg.td, cfg.critic, **penalties)
+                        else:
+                            fit = fit_quadratic(train.x[hook][rows], train.x_next[hook][rows], train.ret[rows], train.reward[rows],
+                                                train.terminal[rows], self.gamma, cfg.mc, cfg.td, value=train.value[rows],
+                                                critic=cfg.critic, **penalties)
                     with torch.no_grad():
                         head.weight[i] = torch.from_numpy(fit.w).to(head.weight.dtype)
                         head.bias[i] = float(fit.b)
@@ -386,7 +394,9 @@ class ValueProbe(L.LightningModule):
                 slack = None
                 if key in self.slacks:
                     module = self.slacks[key]
-                    slack = module(batch["state_index"]) if isinstance(module, nn.Embedding) else module(xs)
+                    # index_select, not the Embedding's forward: its backward scatters into the table without the
+                    # sort that embedding's backward does, a third of a full-batch step's time.
+                    slack = module.weight.index_select(0, batch["state_index"]) if isinstance(module, nn.Embedding) else module(xs)
                 terms = probe_loss_terms(cfg, v[name], v_next.get(name), batch, self.gamma,
                                          slack=slack, value_range=self.value_range)
                 loss = sum(terms.values())
@@ -427,7 +437,7 @@ class ValueProbe(L.LightningModule):
             probes[f"probe:{name}"] = {h: (self._predictor(name, h), not cfg.supervised) for h in self.hooks_of(name)}
         table = evaluation_table(splits["train"], splits["calib"], splits["test"], self.gamma, dm.version_names,
                                  probes=probes, random_net=random_net, seed=self.hparams.eval_seed, ceilings=self.ceilings,
-                                 progress=self._bar("scoring"))
+                                 progress=self._bar("scoring"), moments=self._moments)
         out = {"table": table, "figures": self._figure_data(splits, probes), "version_names": list(dm.version_names),
                "test_split": split_composition(splits["test"], dm.version_names), "closed_form": list(self.closed_form)}
         if self.hparams.planning_episodes > 0 and getattr(dm, "agent", None) is not None:

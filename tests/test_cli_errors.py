@@ -38,6 +38,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (base / "cache" / "manifest.json").write_text("{}")
     payload = b'{"kind": "innercritic.steering_vector", "version": 1, "hook": "encoder.block1.hook_out", "source": "x", "metadata": {}}'
     torch.save({"vector": torch.ones(3), "meta_json": torch.tensor(list(payload), dtype=torch.uint8)}, base / "wrong_shape.pt")
+    (base / "runs_flat.json").write_text('["fit", "-c", "configs/probe/maze.yaml"]')  # one command, not a list of them
+    (base / "runs_loop.json").write_text('[["loop", "-c", "configs/loop/maze.yaml"]]')
     return {"base": base, "agent": agent, "truncated": truncated, "runs": runs}
 
 
@@ -68,6 +70,10 @@ def cases(w: dict[str, Path]) -> list[tuple[list[str], str]]:
          f"checkpoint {agent!r} is innercritic.ppo_agent, but ValueProbe needs innercritic-value-probe"),
         (["test", "-c", "configs/ppo/maze.yaml", runs], "`train.py test` needs a module with test_step, and PPO has none"),
         (steer + ["--model.vector_source=cheese", "--model.vector_norm=2"], "vector_source 'cheese' builds one per level"),
+        (["runs", str(w["base"] / "nope.json")], "cannot be read as JSON"),
+        (["runs", str(w["base"] / "runs_flat.json")], "must hold a non-empty JSON list of argument lists"),
+        (["runs", str(w["base"] / "runs_loop.json")], "command 1 is `loop`; list fit/validate/test/predict commands only"),
+        (["runs", str(w["base"] / "runs_flat.json"), "extra"], "train.py runs takes one runs file"),
     ]
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
+
 from innercritic.probing.findings import probe_findings
 
 HOOK, CONTROL = "encoder.hook_hidden", "critic_encoder.hook_hidden"
@@ -37,3 +40,17 @@ def test_positive_only_when_every_interval_clears_and_the_summary_keeps_each_see
     text = "\n".join(probe_findings(nulls, ["probe_seed0"], {})[0])
     assert "**Positive control FAILS**" in text and "**null**: an interval reaches 0" in text
     assert "below the 0.7 a ceiling needs" in text and "**above its floors**" in text
+
+
+def test_within_maze_spearman_is_the_mean_of_each_groups_own_spearman():
+    from innercritic.probing.maze_exact import within_group_spearman
+    from innercritic.probing.metrics import spearman
+
+    rng = np.random.default_rng(0)
+    group = np.repeat([7, 3, 9, 4, 5], [6, 5, 2, 8, 4])  # 9 has too few rows; 5 gets a constant target
+    pred = np.round(rng.normal(size=len(group)), 1)  # ties inside groups
+    target = np.round(pred + rng.normal(size=len(group)), 0)
+    target[group == 5] = 1.0
+    expected = np.mean([spearman(pred[group == g], target[group == g]) for g in (7, 3, 4)])
+    assert within_group_spearman(pred, target, group) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(within_group_spearman(pred[:2], target[:2], group[:2]))

@@ -60,12 +60,17 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_the_maze_loop_runs_every_stage_and_writes_the_report(uninterrupted, tmp_path):
     root, done = uninterrupted
     config = tiny_maze_loop(root)
-    stages = ("agent", "probe_seed0", "probe_seed1", "steer_cheese", "steer_top_right", "steer_value_probe")
+    stages = ("agent", "probe", "steer_cheese", "steer_top_right", "steer_value_probe")
     for k, stage in enumerate(stages, 1):
         assert f"[loop] stage {k}/{len(stages)} {stage}: done in" in done.stdout, stage
         assert (root / "logs" / f"{stage}.log").is_file()
-        run_file(root / stage / "wandb")  # exactly one offline W&B run per stage
         assert json.loads((root / stage / "stage.json").read_text())["status"] == "done"
+    for run in ("agent", "probe_seed0", "probe_seed1", "steer_cheese", "steer_top_right", "steer_value_probe"):
+        run_file(root / run / "wandb")  # exactly one offline W&B run per run folder, the seeds' included
+    # Both seeds ran in the one process of the probe stage, each as the command that reruns it alone.
+    probe_log = (root / "logs" / "probe.log").read_text()
+    assert "[runs] 1/2: python train.py fit" in probe_log and "[runs] 2/2: python train.py fit" in probe_log
+    assert json.loads((root / "probe" / "runs.json").read_text())[1][:3] == ["fit", "-c", "configs/probe/maze.yaml"]
     report = (root / "report" / "report.md").read_text()
     for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: top_right", "## Steering: value_probe",
                     "per-maze cheese vector (`cheese`): the published effect", "per-maze top-right vector (`top_right`)",
@@ -111,8 +116,11 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(uninterrupted, tmp
 
 
 def _figures(report: Path, root: Path) -> list[str]:
-    """The report's lines without its wall times (the whole loop's and the agent's), paths made relative to the loop folder."""
-    return [line.replace(str(root), "<root>") for line in report.read_text().splitlines()
+    """The report's lines without its wall times (the whole loop's and the agent's), paths made relative to the loop
+    folder, run folders unnumbered (a redone stage writes its runs beside the interrupted ones, as version_1)."""
+    import re
+
+    return [re.sub(r"version_\d+", "version_N", line.replace(str(root), "<root>")) for line in report.read_text().splitlines()
             if not line.startswith("Regenerate everything") and not line.startswith("| wall_s |")]
 
 
@@ -144,9 +152,9 @@ def test_a_loop_stopped_during_a_probe_stage_resumes_to_the_same_report(uninterr
     proc = subprocess.Popen([sys.executable, "train.py", "loop", "-c", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
-    _wait_for(proc, lines, "stage 3/6 probe_seed1: python train.py")
-    # Stopped while the stage is busy: its run folder exists once its loggers are up.
-    for _ in range(600):
+    _wait_for(proc, lines, "stage 2/5 probe: python train.py runs")
+    # Stopped while the stage is busy with its second seed: that run's folder exists once its loggers are up.
+    for _ in range(1200):
         if list((root / "probe_seed1").glob("version_*/wandb_run_id")):
             break
         __import__("time").sleep(0.1)
@@ -155,16 +163,15 @@ def test_a_loop_stopped_during_a_probe_stage_resumes_to_the_same_report(uninterr
     assert proc.returncode == 130, stderr[-2000:]
     assert "loop stopped by SIGTERM" in stderr.strip().splitlines()[-1]
     assert not _survivors(root), "a stage process outlived the loop"
-    assert json.loads((root / "probe_seed1" / "stage.json").read_text())["status"] == "running"
+    assert json.loads((root / "probe" / "stage.json").read_text())["status"] == "running"
     assert not (root / "report").exists()
 
     again = run_loop(yaml.safe_load(path.read_text()), path)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    for k, stage in ((1, "agent"), (2, "probe_seed0")):
-        assert f"[loop] stage {k}/6 {stage}: skipped, finished earlier" in again.stdout, stage
-    assert "[loop] stage 3/6 probe_seed1: redoing the interrupted run" in again.stdout
-    for k, stage in ((3, "probe_seed1"), (4, "steer_cheese"), (5, "steer_top_right"), (6, "steer_value_probe")):
-        assert f"[loop] stage {k}/6 {stage}: done in" in again.stdout, stage
+    assert "[loop] stage 1/5 agent: skipped, finished earlier" in again.stdout
+    assert "[loop] stage 2/5 probe: redoing the interrupted run" in again.stdout
+    for k, stage in ((2, "probe"), (3, "steer_cheese"), (4, "steer_top_right"), (5, "steer_value_probe")):
+        assert f"[loop] stage {k}/5 {stage}: done in" in again.stdout, stage
     assert _figures(root / "report" / "report.md", root) == _figures(reference.parent / "reference_report.md", reference)
 
 

@@ -214,3 +214,32 @@ def test_command_line_collection(agent_ckpt, tmp_path, capsys):
     assert cache.versions == ["policy", "eps:0.1,temp:2.0"] and cache.request["env"]["overrides"] == {"cheese": "anywhere"}
     assert cache.fields["act.encoder.hook_hidden"]["dtype"] == "<f2"
     assert "6 episodes" in capsys.readouterr().out
+
+
+def test_runs_of_one_process_share_the_opened_cache_and_its_exact_values_until_it_changes(agent_ckpt, tmp_path, monkeypatch):
+    """`train.py runs` fits a probe sweep's seeds in one process: the second seed's datamodule must not open,
+    verify or solve the cache again, and must get what a fresh process would; a rebuilt cache is opened anew."""
+    from datamodules import trajectories
+
+    opened = []
+    real = trajectories.TrajectoryCache
+    monkeypatch.setattr(trajectories, "TrajectoryCache", lambda *a, **k: opened.append(a) or real(*a, **k))
+    monkeypatch.setattr(trajectories, "_OPENED", {})
+    path = tmp_path / "cache"
+    first = make_dm(agent_ckpt, path, episodes_per_version=4, episodes_per_shard=4, split_seed=0)
+    first.prepare_data()
+    first.setup("fit")
+    second = make_dm(agent_ckpt, path, episodes_per_version=4, episodes_per_shard=4, split_seed=1)
+    second.setup("fit")
+    assert len(opened) == 1 and second.cache is first.cache
+    assert second.exact_values() is first.exact_values(), "the maze's exact values are solved once"
+    assert not np.array_equal(second.split_rows("train"), first.split_rows("train")), "each run keeps its own split"
+    monkeypatch.setattr(trajectories, "_OPENED", {})
+    alone = make_dm(agent_ckpt, path, episodes_per_version=4, episodes_per_shard=4, split_seed=1)
+    alone.setup("fit")
+    assert np.array_equal(alone.exact_values(), second.exact_values())
+    assert all(torch.equal(alone.stats[h][k], second.stats[h][k]) for h in alone.stats for k in ("mean", "std"))
+    rebuilt = make_dm(agent_ckpt, path, episodes_per_version=4, episodes_per_shard=4, collect_seed=5, rebuild=True)
+    rebuilt.prepare_data()
+    rebuilt.setup("fit")
+    assert len(opened) == 3 and rebuilt.cache is not alone.cache, "a rebuilt cache (a new manifest) is opened anew"

@@ -435,9 +435,13 @@ class TrajectoryCache:
             raise IndexError(f"row indices must be in [0, {self.num_rows}), got {rows.min()}..{rows.max()}")
         out = np.empty((rows.size, *info["shape"]), dtype=np.dtype(info["dtype"]))
         shard = np.searchsorted(self.row_offset, rows, side="right") - 1
-        if rows.size and shard.min() == shard.max():  # the common case of a sorted batch within a shard
-            s = int(shard[0])
-            out[:] = self.shard_array(s, field)[rows - self.row_offset[s]]
+        if rows.size < 2 or np.all(rows[1:] >= rows[:-1]):
+            # Sorted rows (every batch the datamodule gathers): each shard's rows are one block of ``out``, which
+            # np.take fills in place; a fancy index would build each block and then copy it.
+            bounds = np.searchsorted(shard, np.arange(len(self.shards) + 1))
+            for s in np.unique(shard).tolist():
+                lo, hi = int(bounds[s]), int(bounds[s + 1])
+                np.take(self.shard_array(s, field), rows[lo:hi] - self.row_offset[s], axis=0, out=out[lo:hi])
             return out
         for s in np.unique(shard).tolist():
             mask = shard == s

@@ -9,6 +9,10 @@
   with their penalties), so every probe configuration made of those terms has an exact solution.
 - :func:`fit_affine`: least-squares scale and offset, to calibrate unsupervised probes (fitted on
   the calibration split, never on test).
+- :class:`Moments`: the second moments of one set of transitions that all of the above are solved from.
+  Forming them is the O(n d^2) part; a probe stage needs ridge on two targets, LSTD over a penalty grid
+  and every mix of its configurations on the same rows, so it forms them once per hook point and
+  version and solves everything else from them (d x d work each).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from innercritic.errors import InnerCriticError
 __all__ = [
     "DEFAULT_ALPHAS",
     "LinearValue",
+    "Moments",
     "Standardiser",
     "fit_affine",
     "fit_lstd",
@@ -102,16 +107,136 @@ class LinearValue:
         return a @ self.w + self.b
 
 
-def _ridge_path(xc: np.ndarray, yc: np.ndarray):
-    """A function alpha -> ridge weights on centred data, from one eigendecomposition.
+class Moments:
+    """Centred second moments of transitions ``x -> x_next``: every closed form of this module from one pass.
 
-    Primal (d x d Gram) when n >= d, dual (n x n kernel) otherwise; either way the costly product
-    is formed once, so a whole penalty grid costs about as much as one fit.
+    With the rows' feature mean ``mean``, xc = x - mean and xc' = x_next - mean (the same shift, so an
+    intercept absorbs it and no solution changes), and m = gamma (1 - terminal) per row, it holds
+
+    - ``gram``: Xc^T Xc (d x d): ridge on any target from one eigendecomposition (:meth:`ridge_path`);
+    - ``td``: the LSTD matrix Z^T (Z - m Z') of z = [xc, 1], (d+1) x (d+1) (:meth:`lstd_path`), when
+      ``x_next`` is given;
+    - ``xty``: Xc^T y and the mean of each named target in ``targets`` (returns, rewards, critic values).
+
+    Products run at the features' precision (float32 stays float32, as in the rest of this module); the
+    moments and every solve are float64. A probe stage forms these once per hook point and version and
+    gets its ridge and LSTD ceilings, the closed forms of its probe configurations and the top principal
+    component (a floor) from them, where each used to form its own products.
     """
-    n, d = xc.shape
-    primal = n >= d
-    evals, evecs = np.linalg.eigh((xc.T @ xc if primal else xc @ xc.T).astype(np.float64))
-    proj = evecs.T @ ((xc.T @ yc.astype(xc.dtype)).astype(np.float64) if primal else yc)
+
+    def __init__(self, x: np.ndarray, targets: dict[str, np.ndarray], x_next: np.ndarray | None = None,
+                 terminal: np.ndarray | None = None, gamma: float | None = None) -> None:
+        a = _matrix(x, "x")
+        n, d = a.shape
+        if n < 2:
+            raise InnerCriticError(f"need at least 2 samples, got {n}")
+        self.n, self.d = n, d
+        self.mean = a.mean(axis=0, dtype=np.float64)
+        xc = (a - self.mean).astype(a.dtype)
+        self.gram = (xc.T @ xc).astype(np.float64)
+        ys = {name: _vector(y, n, name) for name, y in targets.items()}
+        self.y_mean = {name: float(y.mean()) for name, y in ys.items()}
+        self.xty = {name: (xc.T @ y.astype(a.dtype)).astype(np.float64) for name, y in ys.items()}
+        self.y_sum = {name: float(y.sum()) for name, y in ys.items()}
+        self.td: np.ndarray | None = None
+        if x_next is not None:
+            an = _matrix(x_next, "x_next")
+            if an.shape != a.shape:
+                raise InnerCriticError(f"x_next has shape {an.shape} but x has {a.shape}")
+            if gamma is None or terminal is None:
+                raise InnerCriticError("Moments with x_next needs terminal and gamma")
+            m = gamma * (1.0 - _vector(terminal, n, "terminal"))
+            diff = xc - m.astype(a.dtype)[:, None] * (an - self.mean).astype(a.dtype)  # Xc - m Xc'
+            td = np.empty((d + 1, d + 1))
+            td[:d, :d] = xc.T @ diff
+            td[:d, d] = xc.T @ (1.0 - m).astype(a.dtype)
+            td[d, :d] = diff.sum(axis=0, dtype=np.float64)
+            td[d, d] = float(np.sum(1.0 - m))
+            self.td = td
+        self._eig: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _linear(self, sol: np.ndarray, alpha: float) -> LinearValue:
+        """The fit in raw coordinates from a solution [w, b] on the centred features."""
+        w = sol[:-1]
+        return LinearValue(w=w, b=float(sol[-1] - self.mean @ w), alpha=float(alpha))
+
+    def eigh(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigenvalues ascending, eigenvectors) of ``gram``, computed once."""
+        if self._eig is None:
+            self._eig = np.linalg.eigh(self.gram)
+        return self._eig
+
+    def top_pc(self) -> np.ndarray:
+        """The unit direction of the rows' largest variance (the top principal component)."""
+        return self.eigh()[1][:, -1].copy()
+
+    def ridge_path(self, target: str):
+        """A function alpha -> ridge fit of ``target`` (unpenalised intercept), from one eigendecomposition;
+        directions the data do not span get weight 0 (the minimum-norm solution at alpha 0)."""
+        evals, evecs = self.eigh()
+        proj = evecs.T @ self.xty[target]
+        floor = 1e-12 * max(float(evals.max(initial=0.0)), 1.0)
+        y_mean = self.y_mean[target]
+
+        def fit(alpha: float) -> LinearValue:
+            denom = evals + alpha
+            inv = np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > floor)
+            w = evecs @ (proj * inv)
+            return LinearValue(w=w, b=float(y_mean - self.mean @ w), alpha=float(alpha))
+
+        return fit
+
+    def _system(self, mc: float, td: float, critic: float, target_mc: str, target_td: str, target_critic: str) -> tuple[np.ndarray, np.ndarray]:
+        """The (d+1) x (d+1) matrix and right-hand side of a mix's stationary point, before its penalty."""
+        d = self.d
+        mat = np.zeros((d + 1, d + 1))
+        rhs = np.zeros(d + 1)
+        if mc + critic:
+            mat[:d, :d] += (mc + critic) * self.gram
+            mat[d, d] += (mc + critic) * self.n
+        if td:
+            if self.td is None:
+                raise InnerCriticError("a TD closed form needs Moments formed with x_next, terminal and gamma")
+            mat += td * self.td
+        for weight, name in ((mc, target_mc), (td, target_td), (critic, target_critic)):
+            if weight:
+                rhs[:d] += weight * self.xty[name]
+                rhs[d] += weight * self.y_sum[name]
+        return mat, rhs
+
+    def lstd_path(self, target: str = "reward"):
+        """A function alpha -> LSTD(0) fit (TD fixed point on rewards ``target``; the intercept unpenalised)."""
+        mat, rhs = self._system(0.0, 1.0, 0.0, "", target, "")
+        eye = np.eye(self.d + 1)
+        eye[-1, -1] = 0.0
+
+        def solve(alpha: float) -> LinearValue:
+            return self._linear(np.linalg.solve(mat + alpha * eye, rhs), alpha)
+
+        return solve
+
+    def quadratic(self, mc: float, td: float, critic: float = 0.0, alpha_mc: float = 0.0, alpha_td: float = 0.0,
+                  alpha_critic: float = 0.0, targets: tuple[str, str, str] = ("ret", "reward", "value")) -> LinearValue:
+        """The stationary point of a weighted mix of MC regression, semi-gradient TD(0) and regression on the
+        critic, each with its L2 strength (see :func:`fit_quadratic`); ``targets`` names the moments' return,
+        reward and critic-value targets."""
+        if min(mc, td, critic) < 0 or mc + td + critic <= 0:
+            raise InnerCriticError(f"fit_quadratic needs weights mc, td, critic >= 0 with one positive, got {mc}, {td}, {critic}")
+        mat, rhs = self._system(mc, td, critic, *targets)
+        pen = mc * alpha_mc + td * alpha_td + critic * alpha_critic
+        mat[np.diag_indices(self.d)] += pen
+        try:
+            sol = np.linalg.solve(mat, rhs)
+        except np.linalg.LinAlgError:
+            sol = np.linalg.lstsq(mat, rhs, rcond=None)[0]  # no penalty on a rank-deficient layer: minimum norm
+        return self._linear(sol, pen)
+
+
+def _dual_ridge_path(xc: np.ndarray, yc: np.ndarray):
+    """A function alpha -> ridge weights on centred data wider than long (n < d), from one eigendecomposition
+    of the n x n kernel (the primal, n >= d, goes through :class:`Moments`)."""
+    evals, evecs = np.linalg.eigh((xc @ xc.T).astype(np.float64))
+    proj = evecs.T @ yc
     floor = 1e-12 * max(float(evals.max(initial=0.0)), 1.0)
 
     def weights(alpha: float) -> np.ndarray:
@@ -119,7 +244,7 @@ def _ridge_path(xc: np.ndarray, yc: np.ndarray):
         # Directions the data do not span get weight 0 (the minimum-norm solution) instead of 1/0 at alpha = 0.
         inv = np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > floor)
         scaled = evecs @ (proj * (inv if proj.ndim == 1 else inv[:, None]))
-        return scaled if primal else (xc.T @ scaled.astype(xc.dtype)).astype(np.float64)
+        return (xc.T @ scaled.astype(xc.dtype)).astype(np.float64)
 
     return weights
 
@@ -136,8 +261,13 @@ def ridge_path(x: np.ndarray, y: np.ndarray):
         raise InnerCriticError(f"y has {len(t)} rows, x has {len(a)}")
     if len(a) < 2:
         raise InnerCriticError(f"need at least 2 samples, got {len(a)}")
+    columns = t if many else t[:, None]
+    if len(a) >= a.shape[1]:
+        moments = Moments(a, {str(k): columns[:, k] for k in range(columns.shape[1])})
+        paths = [moments.ridge_path(str(k)) for k in range(columns.shape[1])]
+        return (lambda alpha: [p(alpha) for p in paths]) if many else paths[0]
     x_mean, y_mean = a.mean(axis=0, dtype=np.float64), t.mean(axis=0)
-    path = _ridge_path((a - x_mean).astype(a.dtype), t - y_mean)
+    path = _dual_ridge_path((a - x_mean).astype(a.dtype), t - y_mean)
 
     def fit(alpha: float) -> LinearValue | list[LinearValue]:
         w = path(alpha)
@@ -202,32 +332,23 @@ def lstd_path(
 ):
     """A function alpha -> LSTD(0) solution, forming the (d+1) x (d+1) system once (see :func:`fit_lstd`)."""
     a, an, r, d = _transitions(x, x_next, reward, terminal)
-    ones = np.ones((len(a), 1), dtype=a.dtype)
-    z = np.hstack([a, ones])
-    zn = np.hstack([an.astype(a.dtype), ones])
-    diff = z - (gamma * (1.0 - d)).astype(a.dtype)[:, None] * zn
-    n, k = z.shape
+    n, k = len(a), a.shape[1] + 1
     if n >= k:
-        mat = (z.T @ diff).astype(np.float64)
-        rhs = (z.T @ r.astype(a.dtype)).astype(np.float64)
         # The intercept goes unpenalised, as in ridge, so that a penalty chosen on calibration data shrinks
         # the weights only (and semi-gradient TD with an L2 term on the weights has this same fixed point).
-        eye = np.eye(k)
-        eye[-1, -1] = 0.0
+        return Moments(a, {"reward": r}, an, d, gamma).lstd_path("reward")
+    # Wider than long (a conv layer on a short dataset): the push-through identity
+    # (alpha I + Z^T D)^-1 Z^T = Z^T (alpha I + D Z^T)^-1 gives the solution from an n x n system; it
+    # needs the penalty on every coordinate, so here the intercept is penalised too.
+    ones = np.ones((n, 1), dtype=a.dtype)
+    z = np.hstack([a, ones])
+    diff = z - (gamma * (1.0 - d)).astype(a.dtype)[:, None] * np.hstack([an.astype(a.dtype), ones])
+    kernel = (diff @ z.T).astype(np.float64)
+    eye = np.eye(n)
 
-        def solve(alpha: float) -> LinearValue:
-            sol = np.linalg.solve(mat + alpha * eye, rhs)
-            return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
-    else:
-        # Wider than long (a conv layer on a short dataset): the push-through identity
-        # (alpha I + Z^T D)^-1 Z^T = Z^T (alpha I + D Z^T)^-1 gives the solution from an n x n system; it
-        # needs the penalty on every coordinate, so here the intercept is penalised too.
-        kernel = (diff @ z.T).astype(np.float64)
-        eye = np.eye(n)
-
-        def solve(alpha: float) -> LinearValue:
-            sol = (z.T @ np.linalg.solve(kernel + alpha * eye, r).astype(a.dtype)).astype(np.float64)
-            return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
+    def solve(alpha: float) -> LinearValue:
+        sol = (z.T @ np.linalg.solve(kernel + alpha * eye, r).astype(a.dtype)).astype(np.float64)
+        return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(alpha))
 
     return solve
 
@@ -278,30 +399,14 @@ def fit_quadratic(
     trained on the weighted sum converges to (the TD term's target is held fixed, so this is a fixed
     point, not a minimum, and exists whenever the matrix is invertible).
     """
-    if min(mc, td, critic) < 0 or mc + td + critic <= 0:
-        raise InnerCriticError(f"fit_quadratic needs weights mc, td, critic >= 0 with one positive, got {mc}, {td}, {critic}")
     if critic and value is None:
         raise InnerCriticError("fit_quadratic with a critic term needs the critic's values (value=)")
     a, an, r, d = _transitions(x, x_next, reward, terminal)
-    g = _vector(ret, len(a), "ret")
-    z = np.hstack([a, np.ones((len(a), 1), dtype=a.dtype)])
-    k = z.shape[1]
-    target = mc * g + td * r
+    targets = {"ret": _vector(ret, len(a), "ret"), "reward": r}
     if critic:
-        target = target + critic * _vector(value, len(a), "value")
-    mat = (mc + critic) * (z.T @ z).astype(np.float64)
-    if td:
-        zn = np.hstack([an.astype(a.dtype), np.ones((len(a), 1), dtype=a.dtype)])
-        mat += td * (z.T @ (z - (gamma * (1.0 - d)).astype(a.dtype)[:, None] * zn)).astype(np.float64)
-    rhs = (z.T @ target.astype(a.dtype)).astype(np.float64)
-    pen = np.full(k, mc * alpha_mc + td * alpha_td + critic * alpha_critic)
-    pen[-1] = 0.0
-    mat[np.diag_indices(k)] += pen
-    try:
-        sol = np.linalg.solve(mat, rhs)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(mat, rhs, rcond=None)[0]  # no penalty on a rank-deficient layer: minimum norm
-    return LinearValue(w=sol[:-1], b=float(sol[-1]), alpha=float(pen[0]))
+        targets["value"] = _vector(value, len(a), "value")
+    moments = Moments(a, targets, an if td else None, d if td else None, gamma if td else None)
+    return moments.quadratic(mc, td, critic, alpha_mc, alpha_td, alpha_critic)
 
 
 def fit_affine(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:

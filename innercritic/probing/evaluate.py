@@ -31,7 +31,7 @@ import torch
 
 from innercritic.agents.noisy import parse_version
 from innercritic.envs.maze_values import policy_value
-from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, fit_affine, fit_ridge, lstd_path, ridge_path
+from innercritic.probing.closed_form import DEFAULT_ALPHAS, LinearValue, Moments, fit_affine, fit_ridge, lstd_path, ridge_path
 from innercritic.probing.maze_exact import every_square, within_group_spearman
 from innercritic.probing.metrics import dominance_accuracy, mse_over_var, normalised_td_error, pearson, r2, spearman
 from innercritic.stats import bootstrap_r2, grouped_r2
@@ -234,8 +234,8 @@ def _hook_bar(hooks: Sequence[str], label: str | None):
     return tqdm(list(hooks), desc=label, unit=" hook points", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int,
-                 hooks: Sequence[str] | None = None, progress: str | None = None) -> dict[str, list[dict[str, LinearValue]]]:
+def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int, hooks: Sequence[str] | None = None,
+                 progress: str | None = None, moments: dict[str, list[Moments | None]] | None = None) -> dict[str, list[dict[str, LinearValue]]]:
     """Ridge, LSTD and ridge on the critic per hook point and policy version, each at the penalty of
     :func:`shared_penalty`.
 
@@ -244,16 +244,41 @@ def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int,
     splits). ``ridge_critic`` is ridge on the critic's own values, the positive control's closed form.
     The probe module reads the chosen penalties to give its SGD probes the same L2 strength, and hands
     the fits back to :func:`evaluation_table`. ``progress`` labels a bar of the hook points (stderr).
+
+    Where a version has more train rows than features, all three come from one :class:`Moments` of its
+    rows (the products formed once); ``moments``, when given, receives them per hook point (None where
+    a version is wider than long), so that the probe configurations' closed forms and the top-principal-
+    component floor are solved from the same products.
     """
     calib_or_train, per_version = _per_version(train, calib, train, num_versions)
     out: dict[str, list[dict[str, LinearValue]]] = {}
     for hook in _hook_bar(list(train.x) if hooks is None else hooks, progress):
-        cal = [(calib_or_train[i].x[hook][ca.rows], ca.ret_) for i, (_, ca, _) in enumerate(per_version)]
-        lstd = [lstd_path(train.x[hook][tr.rows], train.x_next[hook][tr.rows], tr.reward_, tr.terminal_, gamma)
-                if len(tr.rows) >= 2 else None for tr, _, _ in per_version]
-        ridge, ridge_critic = _shared_ridge(train.x[hook], [c.x[hook] for c in calib_or_train], per_version, ("ret_", "value_"))
-        fits = {"ridge": ridge, "lstd": shared_penalty(lstd, LSTD_ALPHAS, cal), "ridge_critic": ridge_critic}
+        x, x_next = train.x[hook], train.x_next[hook]
+        cal = [(calib_or_train[i].x[hook][ca.rows], ca) for i, (_, ca, _) in enumerate(per_version)]
+        found: list[Moments | None] = []
+        paths: dict[str, list[Callable[[float], LinearValue] | None]] = {"ridge": [], "ridge_critic": [], "lstd": []}
+        for tr, _, _ in per_version:
+            m = None
+            if len(tr.rows) > x.shape[1]:
+                m = Moments(x[tr.rows], {"ret": tr.ret_, "value": tr.value_, "reward": tr.reward_}, x_next[tr.rows], tr.terminal_, gamma)
+                paths["ridge"].append(m.ridge_path("ret"))
+                paths["ridge_critic"].append(m.ridge_path("value"))
+                paths["lstd"].append(m.lstd_path("reward"))
+            elif len(tr.rows) >= 2:  # wider than long: the dual forms
+                both = ridge_path(x[tr.rows], np.stack([tr.ret_, tr.value_], 1))
+                paths["ridge"].append(lambda alpha, both=both: both(alpha)[0])
+                paths["ridge_critic"].append(lambda alpha, both=both: both(alpha)[1])
+                paths["lstd"].append(lstd_path(x[tr.rows], x_next[tr.rows], tr.reward_, tr.terminal_, gamma))
+            else:
+                for column in paths.values():
+                    column.append(None)
+            found.append(m)
+        fits = {"ridge": shared_penalty(paths["ridge"], DEFAULT_ALPHAS, [(xc, ca.ret_) for xc, ca in cal]),
+                "lstd": shared_penalty(paths["lstd"], LSTD_ALPHAS, [(xc, ca.ret_) for xc, ca in cal]),
+                "ridge_critic": shared_penalty(paths["ridge_critic"], DEFAULT_ALPHAS, [(xc, ca.value_) for xc, ca in cal])}
         out[hook] = [{kind: f[i] for kind, f in fits.items() if f[i] is not None} for i in range(num_versions)]
+        if moments is not None:
+            moments[hook] = found
     return out
 
 
@@ -272,12 +297,15 @@ def _shared_ridge(x_train: np.ndarray, x_calib: Sequence[np.ndarray], per_versio
     return out[0] if len(targets) == 1 else out
 
 
-def _linear_sources(ceilings: Mapping[str, LinearValue], x_tr, rng) -> dict[str, tuple[LinearValue, bool]]:
+def _linear_sources(ceilings: Mapping[str, LinearValue], x_tr, rng, moments: Moments | None = None) -> dict[str, tuple[LinearValue, bool]]:
     """Fitted linear sources on one feature set: name -> (linear value, needs calibration)."""
     out: dict[str, tuple[LinearValue, bool]] = {name: (lin, False) for name, lin in ceilings.items()}
     d = x_tr.shape[1]
     direction = rng.standard_normal(d)
     out["random_dir"] = (LinearValue(w=direction / np.linalg.norm(direction), b=0.0, alpha=0.0), True)
+    if moments is not None:  # the ceilings' decomposition of the same rows already holds it
+        out["top_pc"] = (LinearValue(w=moments.top_pc(), b=0.0, alpha=0.0), True)
+        return out
     centred = (x_tr - x_tr.mean(0, dtype=np.float64)).astype(np.float32)
     # Top principal component by power iteration at single precision: a floor needs the direction,
     # not ten digits of it, and a d x d eigendecomposition per layer would cost more than the ceilings.
@@ -312,6 +340,7 @@ def evaluation_table(
     seed: int = 0,
     ceilings: Mapping[str, list[dict[str, LinearValue]]] | None = None,
     progress: str | None = None,
+    moments: Mapping[str, Sequence[Moments | None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of figures for every value source, hook point and policy version on the test split.
 
@@ -326,12 +355,15 @@ def evaluation_table(
         seed: seed of the random direction (and of the principal component's start).
         ceilings: the output of :func:`fit_ceilings` on the same splits, when already computed.
         progress: a label for a bar of the hook points scored (stderr); None: silent.
+        moments: the :class:`Moments` that :func:`fit_ceilings` formed (its ``moments``): the top principal
+            component floor is read from their decomposition instead of a power iteration over the rows.
     """
     rows: list[dict[str, Any]] = []
     V = len(version_names)
     calib_or_train, per_version = _per_version(train, calib, test, V)
     if ceilings is None:
-        ceilings = fit_ceilings(train, calib, gamma, V)
+        moments = {}
+        ceilings = fit_ceilings(train, calib, gamma, V, moments=moments)
     calib_episodes = [int(len(np.unique(calib_or_train[i].episode[ca.rows]))) for i, (_, ca, _) in enumerate(per_version)]
 
     for hook in _hook_bar(list(train.x), progress):
@@ -345,7 +377,9 @@ def evaluation_table(
                 continue
             x_tr = train.x[hook][tr.rows]
             x_ca, x_te, xn_te = calib_or_train[i].x[hook][ca.rows], test.x[hook][te.rows], test.x_next[hook][te.rows]
-            for name, (lin, calibrate) in _linear_sources(ceilings[hook][i], x_tr, np.random.default_rng(seed)).items():
+            found = (moments or {}).get(hook)
+            sources = _linear_sources(ceilings[hook][i], x_tr, np.random.default_rng(seed), None if found is None else found[i])
+            for name, (lin, calibrate) in sources.items():
                 fitted.setdefault(name, []).append(lin)
                 pred, pred_next = lin.predict(x_te), lin.predict(xn_te)
                 extra: dict[str, Any] = {}
