@@ -368,6 +368,7 @@ def evaluation_table(
 
     for hook in _hook_bar(list(train.x), progress):
         fitted: dict[str, list[LinearValue]] = {}
+        every_state: dict[str, np.ndarray] = {}
         random_floor = None
         if random_net and hook in random_net:
             r_tr, _, r_ca, _, _ = random_net[hook]
@@ -399,8 +400,9 @@ def evaluation_table(
                     pred, pred_next = calibrated(predict(x_ca)[:, i], ca.ret_, pred, pred_next)
                     extra["labelled_episodes"] = calib_episodes[i]
                 if i > 0:
-                    all_v = predict(test.x[hook])
-                    extra["dominance"] = dominance_accuracy(all_v[:, 0], all_v[:, i])
+                    if name not in every_state:  # every head on every test state, once per probe and hook point
+                        every_state[name] = predict(test.x[hook])
+                    extra["dominance"] = dominance_accuracy(every_state[name][:, 0], every_state[name][:, i])
                 rows.append(_row(name, hook, i, version_names, score(pred, pred_next, test, te.rows, gamma), **extra))
             if random_floor is not None and random_floor[i] is not None:
                 _, _, _, r_te, rn_te = random_net[hook]
