@@ -8,8 +8,10 @@ gives it the standard run folder: ``config.yaml``, ``metrics.csv`` and the offli
 ``steer/...`` scalars per coefficient), the vectors as files, and ``summary.json`` whose ``scan`` is
 the list of rows (source, hook, coefficient, every metric with ``_lo`` / ``_hi`` bounds).
 
-Run (``test``: nothing is trained; the test loop hands out one coefficient per step, so the progress
-bar counts coefficients, and under DDP the ranks share the coefficients and gather the rows)::
+Run (``test``: nothing is trained; the test loop hands each rank its chunk of the coefficients as a
+single step, which plays every coefficient of the chunk for the vector and its control in one lockstep
+run, each run's episodes exactly those it would play alone (``innercritic.steering.run_scans``); under
+DDP the ranks split the coefficients and gather the rows)::
 
     python train.py test -c configs/steer/maze.yaml --model.agent_ckpt runs/ppo_maze/version_0/checkpoints/last.ckpt
 
@@ -60,7 +62,7 @@ from innercritic.steering import (
     mean_difference_from_cache,
     probe_direction,
     random_like,
-    run_scan,
+    run_scans,
 )
 from innercritic.errors import InnerCriticError
 
@@ -199,9 +201,13 @@ class SteeringScan(L.LightningModule):
         # Offset from the control's seed range, so that a random "vector" and its random control differ.
         return random_like(base, 1_000_003 + hp.vector_seed)
 
-    # ------------------------------------------------------------------ the scan: one coefficient per test step
+    # ------------------------------------------------------------------ the scan: one chunk of coefficients per rank
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(list(range(len(self.coefficients))), batch_size=None)
+        # One chunk per rank (the sampler deals the chunks out), so that every rank plays its
+        # coefficients, for every vector, in one lockstep run: one test step per rank.
+        world = max(1, int(self.trainer.world_size))
+        chunks = [chunk.tolist() for chunk in np.array_split(np.arange(len(self.coefficients)), world) if len(chunk)]
+        return DataLoader(chunks, batch_size=None)
 
     def on_test_start(self) -> None:
         self._start = time.perf_counter()
@@ -216,21 +222,19 @@ class SteeringScan(L.LightningModule):
                 if isinstance(vector, SteeringVector):
                     vector.save(out / name)
 
-    def test_step(self, token: int, batch_idx: int) -> None:
+    def test_step(self, tokens: list[int], batch_idx: int) -> None:
         hp = self.hparams
-        token = int(token)
-        c = self.coefficients[token]
-        zero_row = None
-        for v, vector in enumerate(self.vectors):
-            if c == 0 and zero_row is not None:
-                # At 0 no vector is added, so every source's row is the same episodes: play them once.
-                row = {**zero_row, "source": vector.source}
-            else:
-                # Not offset by rank: every coefficient must play the same levels with the same dice.
-                row = run_scan(self.agent, self.env_spec, self.env_kwargs, vector, [c], hp.episodes, hp.seed, hp.positions, hp.num_envs)[0]
-            if c == 0:
-                zero_row = row
-            self._results.append((v, token, row))
+        tokens = [int(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens])]
+        coefficients = [self.coefficients[t] for t in tokens]
+        bar = "steering" if self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero else None
+        # Not offset by rank: every coefficient must play the same levels with the same dice.
+        rows = run_scans(self.agent, self.env_spec, self.env_kwargs, self.vectors, coefficients, hp.episodes, hp.seed, hp.positions,
+                         hp.num_envs, progress=bar)
+        for i, (token, c) in enumerate(zip(tokens, coefficients)):
+            for v, vector in enumerate(self.vectors):
+                # At 0 no vector is added: every source's row is the one unsteered block's, under its own name.
+                row = {**rows[0][i], "source": vector.source} if c == 0 else rows[v][i]
+                self._results.append((v, token, row))
 
     def on_test_epoch_end(self) -> None:
         results = self._results

@@ -59,3 +59,36 @@ def test_rounds_seed_levels_and_count_each_envs_first_episode():
     assert np.array_equal(again["sum/draw"], ep["sum/draw"]), "the generator is seeded from the run's seed"
     with pytest.raises(ValueError, match="episodes must be an integer >= 1"):
         run_episodes("maze", {}, 0, 0, 1, always_up)
+
+
+def test_blocks_play_in_lockstep_exactly_the_runs_they_would_play_alone():
+    # Three action sources of different habits (so their blocks finish at different steps, and the
+    # ones done first must leave their generators untouched for the next round) against runs alone.
+    def source(bias):
+        def act(env, obs, pending, generator):
+            draw = torch.rand(int(pending.sum()), generator=generator).numpy()
+            actions = np.zeros(len(obs), np.int64)
+            actions[pending] = np.minimum((draw * 4 + bias).astype(np.int64), 3)
+            return actions, {"action": actions}
+        return act
+
+    acts = [source(b) for b in (0.0, 1.5, 3.0)]
+    kwargs = {"size": 5, "max_steps": 12}
+    seen = []
+
+    def block_act(envs, obs, pending, generators):
+        return [acts[k](envs[k], obs[k], pending[k], generators[k]) if pending[k].any() else (np.zeros(len(obs[k]), np.int64), {})
+                for k in range(3)]
+
+    together = run_episodes("maze", kwargs, episodes=7, seed=9, num_envs=3, act=block_act, blocks=3,
+                            on_reset=lambda envs, m: seen.append([env.level_seeds.copy() for env in envs]),
+                            round_records=lambda: [{"k": np.full(3, k)} for k in range(3)])
+    assert len(seen) == 3 and all(np.array_equal(levels[0], other) for levels in seen for other in levels[1:])  # the same levels
+    for k, act in enumerate(acts):
+        alone = run_episodes("maze", kwargs, episodes=7, seed=9, num_envs=3, act=act)
+        assert set(together[k]) == set(alone) | {"k"} and (together[k]["k"] == k).all()
+        for key, value in alone.items():
+            assert np.array_equal(together[k][key], value), (k, key)
+    assert len({tuple(t["length"]) for t in together}) > 1, "the blocks should differ, or the test proves little"
+    with pytest.raises(ValueError, match="blocks must be an integer >= 1"):
+        run_episodes("maze", {}, 1, 0, 1, block_act, blocks=0)

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,12 @@ from innercritic.steering import (
     contrast_observations,
     mean_difference,
     normal_interval,
+    play_blocks,
     play_episodes,
     probe_direction,
     random_like,
     run_scan,
+    run_scans,
     summarise_episodes,
     wilson_interval,
 )
@@ -105,6 +108,105 @@ def test_coefficient_zero_reproduces_unsteered_episodes_bit_for_bit(agent, vecto
         row = run_scan(agent, "maze", ENV, v, [0.0], episodes=6, seed=3, num_envs=3)[0]
         for key, value in expected.items():
             assert row[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(row[key])), key
+
+
+def assert_same_results(got: dict, want: dict) -> None:
+    """Every per-episode array bit for bit (nan where a maze has no decision square), and the trace."""
+    assert set(got) == set(want)
+    for key in want:
+        if key == "trace":
+            assert len(got[key]) == len(want[key]) > 0
+            for sg, sw in zip(got[key], want[key]):
+                assert all(np.array_equal(sg[f], sw[f]) for f in ("env", "obs", "action"))
+        else:
+            assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key], equal_nan=True), key
+
+
+def same_row(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (isinstance(b[k], float) and math.isnan(b[k]) and math.isnan(a[k])) for k in b)
+
+
+def counting_forwards(agent) -> tuple[list, object]:
+    """A list that records the agent's whole-network calls (trunk and head calls are not counted), and
+    the handle that stops it."""
+    calls = []
+    return calls, agent.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+
+
+@pytest.mark.parametrize("net", ["separate critic", "shared egocentric"])
+def test_lockstep_blocks_play_exactly_the_episodes_of_separate_runs(net):
+    # The real agents' layout (egocentric, the features at the mouse) and the plain one, on 2 rounds
+    # of 4 envs (the second counts 2), the tails of which have blocks down to one pending env.
+    torch.manual_seed(1)
+    extra = {"separate_critic": True} if net == "separate critic" else {"separate_critic": False, "agent_channel": 1, "egocentric": True}
+    agent = ActorCritic((3, 5, 5), 4, arch="small", channels=(4, 8, 8), hidden=16, **extra).eval()
+    fixed = averaged_vector(agent, HOOK, "cheese", ENV, num_mazes=4, seed=0)
+    coefficients = [-2.0, 0.0, 0.5, 3.0]
+    cases = [(LevelVectors(HOOK, "cheese"), None), (fixed, None), (fixed, [(1, 1), (2, 3)]),
+             (SteeringVector(torch.randn(8), HOOK, "test"), None),  # one value per channel, broadcast over the squares
+             (SteeringVector(torch.randn(16), "encoder.hook_hidden", "test"), None)]  # a hook past the trunk
+    if agent.separate_critic:
+        cases.append((SteeringVector(torch.randn(8, 5, 5), "critic_encoder.block1.hook_out", "test"), None))  # the value moves
+    for vector, positions in cases:
+        blocks = [Steer(vector, c, positions) if c else None for c in coefficients] + [Steer(vector, 0.0, positions)]
+        blocks.append({HOOK: AddVector(torch.ones(8), coeff=0.3)})  # a plain intervention mapping, installed as it is
+        calls, counting = counting_forwards(agent)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the batched path must not fall back here
+            batched = play_blocks(agent, "maze", ENV, episodes=6, seed=3, blocks=blocks, num_envs=4, trace=True)
+        batched_calls = len(calls)
+        for block, got in zip(blocks, batched):
+            fresh = Steer(block.vector, block.coefficient, positions) if isinstance(block, Steer) else block
+            alone = play_episodes(agent, "maze", ENV, episodes=6, seed=3, interventions=fresh, num_envs=4, trace=True, batched=False)
+            assert_same_results(got, alone)
+        assert batched_calls < (len(calls) - batched_calls) / 3, "the lockstep run should batch, not call the network per block"
+        # run_scan's rows: the lockstep scan against one run per coefficient (batched=False), row for row.
+        rows = run_scan(agent, "maze", ENV, vector, coefficients, episodes=7, seed=3, positions=positions, num_envs=3)
+        alone = run_scan(agent, "maze", ENV, vector, coefficients, episodes=7, seed=3, positions=positions, num_envs=3, batched=False)
+        assert [r["coefficient"] for r in rows] == coefficients
+        assert all(same_row(a, b) for a, b in zip(rows, alone))
+        counting.remove()
+
+
+def test_run_scans_plays_a_vector_and_its_control_in_one_run(agent):
+    vector = LevelVectors(HOOK, "top_right")
+    rows = run_scans(agent, "maze", ENV, [vector, vector.control(2)], [-1.0, 0.0, 2.0], episodes=5, seed=1, num_envs=3)
+    for v, vec in enumerate((vector, vector.control(2))):
+        alone = run_scan(agent, "maze", ENV, vec, [-1.0, 0.0, 2.0], episodes=5, seed=1, num_envs=3, batched=False)
+        assert [r["source"] for r in rows[v]] == [vec.source] * 3
+        assert all(same_row(a, b) for a, b in zip(rows[v], alone))
+    one_line_error(lambda: run_scans(agent, "maze", ENV, [], [1.0], episodes=2), "vectors is empty")
+
+
+def test_a_full_trunk_cache_is_emptied_and_recomputed_without_changing_a_bit(agent, monkeypatch):
+    from innercritic.steering import lockstep
+
+    # Room for 2 unsteered trunk rows (4 steered, which keep only the policy tower's 200 floats): the
+    # caches empty themselves nearly every step, and now and then grow for a step that needs more alone.
+    monkeypatch.setattr(lockstep, "CACHE_BYTES", 2 * 4 * (200 + 200))
+    vector = LevelVectors(HOOK, "cheese")
+    blocks = [None, Steer(vector, -1.0), Steer(vector, 2.0)]
+    got = play_blocks(agent, "maze", ENV, episodes=6, seed=4, blocks=blocks, num_envs=4)
+    for block, result in zip(blocks, got):
+        fresh = None if block is None else Steer(vector, block.coefficient)
+        assert_same_results(result, play_episodes(agent, "maze", ENV, episodes=6, seed=4, interventions=fresh, num_envs=4, batched=False))
+
+
+def test_the_lockstep_forward_falls_back_to_whole_network_calls_where_the_trunk_is_not_row_invariant(agent, monkeypatch):
+    # Simulate a library whose trunk rounds a row by its batch: the first step's check must notice,
+    # warn, and leave every block with whole-network calls of its own (the episodes stay exact).
+    real = type(agent).trunk
+
+    def batch_dependent(self, obs, critic=True):
+        flat, critic_flat = real(self, obs, critic)
+        return flat + len(obs) * 1e-3, critic_flat
+
+    steer = Steer(LevelVectors(HOOK, "cheese"), -1.0)
+    want = play_episodes(agent, "maze", ENV, episodes=6, seed=2, interventions=Steer(steer.vector, -1.0), num_envs=4, batched=False)
+    monkeypatch.setattr(type(agent), "trunk", batch_dependent)
+    with pytest.warns(RuntimeWarning, match="fall back to whole-network calls"):
+        got = play_episodes(agent, "maze", ENV, episodes=6, seed=2, interventions=steer, num_envs=4)
+    assert_same_results(got, want)
 
 
 def test_a_large_vector_at_the_logits_takes_over_the_policy(agent):
@@ -447,6 +549,27 @@ def test_cli_scan_writes_summary_rows_figures_and_wandb(agent, tmp_path):
     assert list(offline[0].glob("files/media/images/steer/*.png")), "no images logged to W&B"
     assert list(offline[0].glob("files/media/table/steer/*.table.json")), "no table logged to W&B"
     assert list(offline[0].glob("files/media/table/steer/plot/*p_cheese*.table.json")), "no line chart of p_cheese logged to W&B"
+
+
+def test_ddp_ranks_split_the_coefficients_and_gather_the_rows_one_device_gives(agent, tmp_path):
+    # Two CPU ranks each play their chunk of coefficients (vector and control) in one lockstep run;
+    # the gathered rows are exactly those of one device, in the same order.
+    ckpt = write_agent_ckpt(agent, tmp_path / "agent.ckpt")
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    summaries = {}
+    for devices in ("1", "2"):
+        root = tmp_path / f"runs{devices}"
+        cmd = [sys.executable, "train.py", "test", "-c", "configs/steer/maze.yaml", "--model.agent_ckpt", str(ckpt),
+               "--model.episodes", "5", "--model.num_envs", "3", "--model.coefficients", "[-2, -1, 0, 1, 2]",
+               "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+               "--trainer.devices", devices] + (["--trainer.strategy", "ddp"] if devices == "2" else [])
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summaries[devices] = json.loads((root / "version_0" / "summary.json").read_text())
+    assert summaries["2"]["config"]["trainer"]["world_size"] == 2
+    one, two = summaries["1"]["scan"], summaries["2"]["scan"]
+    assert [(r["source"], r["coefficient"]) for r in two] == [(s, c) for s in ("cheese", "random") for c in (-2.0, -1.0, 0.0, 1.0, 2.0)]
+    assert len(one) == len(two) and all(same_row(a, b) for a, b in zip(two, one))
 
 
 def test_retargeting_at_the_input_moves_the_cheese_pixel_to_the_target_and_the_mouse_follows():

@@ -204,6 +204,15 @@ class _Tower(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.dense(self.trunk(x))
+
+    def trunk(self, x: Tensor) -> Tensor:
+        """Everything before the dense layer: the conv stack and the flattened features it feeds to ``fc``.
+
+        Each row depends on its own input row only (convs, ReLU, gathers), which lets a caller compute
+        it once per distinct observation; the dense layer is split off because a matrix product's
+        rounding may depend on how many rows it multiplies at once (see :meth:`ActorCritic.trunk`).
+        """
         conv = self._convs(x)
         if self.egocentric:
             flat = self.hook_flat(_recentre(conv, x[:, self.agent_channel]).flatten(1))
@@ -216,6 +225,10 @@ class _Tower(nn.Module):
             mask = x[:, self.agent_channel]
             at_agent = self.hook_agent(torch.einsum("bchw,bhw->bc", conv, mask))
             flat = torch.cat((flat, at_agent), 1)
+        return flat
+
+    def dense(self, flat: Tensor) -> Tensor:
+        """The tower's final features from its :meth:`trunk` output."""
         return self.hook_hidden(F.relu(self.hook_fc(self.fc(flat))))
 
 
@@ -339,6 +352,35 @@ class ActorCritic(HookedModule):
         logits = self.hook_logits(self.policy_head(features))
         value = self.hook_value(self.value_head(critic_features).squeeze(-1))
         return logits, value
+
+    def trunk(self, obs: Tensor, critic: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The input of each tower's dense layer: ``(policy tower, critic tower)``, the second None
+        without a separate critic (or with ``critic=False``, which skips that tower).
+        ``head(*trunk(obs))`` equals ``forward(obs)`` bit for bit.
+
+        The split is where the arithmetic changes kind: the trunk is convolutions and row-wise ops, and a
+        row's trunk had the same bits in every batch of 2 or more rows on the CPUs measured (oneDNN's
+        convolution; a batch of one takes another kernel), while the dense layers and heads are matrix
+        products whose rounding MKL picks by the number of rows. A steering scan
+        (``innercritic.steering.lockstep``) therefore batches and caches the trunk across its runs, and
+        runs the heads on each run's own rows, so that every run keeps its bits.
+        """
+        x = self._prepare(obs)
+        return self.encoder.trunk(x), None if self.critic_encoder is None or not critic else self.critic_encoder.trunk(x)
+
+    def head(self, flat: Tensor, critic_flat: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Logits (B, A) and value (B,) from the :meth:`trunk` outputs."""
+        if (critic_flat is None) != (self.critic_encoder is None):
+            raise InnerCriticError("head takes the critic tower's trunk output exactly when the network has a separate critic (see trunk())")
+        features = self.encoder.dense(flat)
+        critic_features = features if self.critic_encoder is None else self.critic_encoder.dense(critic_flat)
+        logits = self.hook_logits(self.policy_head(features))
+        value = self.hook_value(self.value_head(critic_features).squeeze(-1))
+        return logits, value
+
+    def head_logits(self, flat: Tensor) -> Tensor:
+        """The logits of :meth:`head` alone, from the policy tower's trunk output."""
+        return self.hook_logits(self.policy_head(self.encoder.dense(flat)))
 
     def policy_logits(self, obs: Tensor) -> Tensor:
         """Logits only, skipping the critic tower when there is one (rollouts that need no value)."""

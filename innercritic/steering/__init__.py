@@ -17,8 +17,10 @@ from innercritic.steering.scan import (
     Steer,
     check_coefficients,
     normal_interval,
+    play_blocks,
     play_episodes,
     run_scan,
+    run_scans,
     summarise_episodes,
     wilson_interval,
 )
@@ -58,10 +60,12 @@ __all__ = [
     "mean_difference",
     "mean_difference_from_cache",
     "normal_interval",
+    "play_blocks",
     "play_episodes",
     "probe_direction",
     "random_like",
     "run_scan",
+    "run_scans",
     "summarise_episodes",
     "wilson_interval",
 ]
