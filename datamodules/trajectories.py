@@ -321,6 +321,11 @@ class TrajectoryDataModule(L.LightningDataModule):
             self._whole[split] = dataset.__getitems__(list(range(len(dataset))))
         return self._whole[split]
 
+    def teardown(self, stage: str) -> None:
+        """Free the full-batch splits (gigabytes at the default size) once the run's evaluation is done: with
+        ``train.py runs`` the next seed gathers its own in the same process."""
+        self._whole.clear()
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 

@@ -426,6 +426,10 @@ class ValueProbe(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.results = self.evaluate()
 
+    def teardown(self, stage: str) -> None:
+        # The moments of wide layers hold hundreds of megabytes; the results and the fits are what a run keeps.
+        self._moments.clear()
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """The evaluation table on the test split, plus the data behind the figures."""

@@ -435,3 +435,27 @@ def test_cli_fit_writes_the_table_figures_and_the_wandb_run(tmp_path):
     assert any(k.startswith("probe/probe_vs_return") for k in keys), sorted(keys)
     images = list(wandb_file.parent.glob("files/media/images/probe/probe_vs_return*.png"))
     assert images, "the probe-vs-return figure is in the offline W&B run"
+
+
+def test_runs_fits_each_command_in_one_process_and_frees_each_run_before_the_next(tmp_path):
+    """`train.py runs` (the loop's probe stage: every seed in one process) gives each command its own run folder
+    and W&B run, and keeps no run's datamodule or probe alive after it: a probe run's full-batch splits are
+    gigabytes, and LightningCLI leaves its CLI object in a registry that outlives it."""
+    import gc
+    import json
+
+    import train
+    from datamodules.trajectories import TrajectoryDataModule
+
+    agent = write_agent_checkpoint(tmp_path / "agent.ckpt")
+    base = ["fit", "-c", "configs/probe/maze.yaml", f"--data.agent_ckpt={agent}", f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.episodes_per_version=6", "--data.towers=encoder", "--model.sgd_hooks=[encoder.hook_hidden]", "--trainer.max_epochs=2",
+            "--trainer.check_val_every_n_epoch=1", "--data.progress=false", "--trainer.enable_progress_bar=false"]
+    runs = [base + [f"--seed_everything={s}", f"--data.split_seed={s}", f"--trainer.default_root_dir={tmp_path / f's{s}'}"] for s in (0, 1)]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    train.run_many(tmp_path / "runs.json")
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, (TrajectoryDataModule, ValueProbe))], "a finished run is still alive"
+    for s in (0, 1):
+        summary = json.loads((tmp_path / f"s{s}" / "version_0" / "summary.json").read_text())
+        assert summary["table"] and len(list((tmp_path / f"s{s}" / "wandb").glob("offline-run-*"))) == 1
