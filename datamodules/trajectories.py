@@ -215,7 +215,6 @@ class TrajectoryDataModule(L.LightningDataModule):
         self._datasets: dict[str, TransitionDataset] = {}
         self._whole: dict[str, dict[str, Any]] = {}
         self._columns: dict[str, np.ndarray] = {}
-        self._exact: np.ndarray | None = None
         self._shared: dict[str, Any] = {}
 
     @property
@@ -348,16 +347,15 @@ class TrajectoryDataModule(L.LightningDataModule):
         """Exact value of each cache row's state under its policy version (maze only; else None), computed once."""
         if not self.is_maze:
             return None
-        if self._exact is None:
-            # Keyed by what they depend on beyond the cache (whose request already fixes the agent's weights).
-            key = (tuple(self.version_names), self.gamma)
-            shared = self._shared["exact"]
-            if key not in shared:
-                c = self.cache
-                shared[key] = maze_exact_values(c.column("obs"), c.column("episode"), c.column("version"), self.version_names,
-                                                self.agent, self.gamma)
-            self._exact = shared[key]
-        return self._exact
+        # Solved once per cache and process (the opened cache's entry keeps them), keyed by what they depend on
+        # beyond the cache, whose request already fixes the agent's weights.
+        key = (tuple(self.version_names), self.gamma)
+        shared = self._shared["exact"]
+        if key not in shared:
+            c = self.cache
+            shared[key] = maze_exact_values(c.column("obs"), c.column("episode"), c.column("version"), self.version_names,
+                                            self.agent, self.gamma)
+        return shared[key]
 
     def split_arrays(self, split: str) -> Split:
         """Every transition of ``split`` in memory, activations standardised with the train statistics."""

@@ -116,7 +116,7 @@ class Moments:
     - ``gram``: Xc^T Xc (d x d): ridge on any target from one eigendecomposition (:meth:`ridge_path`);
     - ``td``: the LSTD matrix Z^T (Z - m Z') of z = [xc, 1], (d+1) x (d+1) (:meth:`lstd_path`), when
       ``x_next`` is given;
-    - ``xty``: Xc^T y and the mean of each named target in ``targets`` (returns, rewards, critic values).
+    - ``xty``: Xc^T y and ``y_sum`` the sum of each named target in ``targets`` (returns, rewards, critic values).
 
     Products run at the features' precision (float32 stays float32, as in the rest of this module); the
     moments and every solve are float64. A probe stage forms these once per hook point and version and
@@ -135,7 +135,6 @@ class Moments:
         xc = (a - self.mean).astype(a.dtype)
         self.gram = (xc.T @ xc).astype(np.float64)
         ys = {name: _vector(y, n, name) for name, y in targets.items()}
-        self.y_mean = {name: float(y.mean()) for name, y in ys.items()}
         self.xty = {name: (xc.T @ y.astype(a.dtype)).astype(np.float64) for name, y in ys.items()}
         self.y_sum = {name: float(y.sum()) for name, y in ys.items()}
         self.td: np.ndarray | None = None
@@ -176,7 +175,7 @@ class Moments:
         evals, evecs = self.eigh()
         proj = evecs.T @ self.xty[target]
         floor = 1e-12 * max(float(evals.max(initial=0.0)), 1.0)
-        y_mean = self.y_mean[target]
+        y_mean = self.y_sum[target] / self.n
 
         def fit(alpha: float) -> LinearValue:
             denom = evals + alpha
