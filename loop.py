@@ -14,7 +14,8 @@ summary.json and offline W&B run, and can be rerun alone with the command the re
    trajectory cache, the others reuse it; the first also plans with the probe, ridge and the critic;
    each seed's own command, which reruns it alone, is in the report;
 3. ``steer``: ``train.py test`` with each steering config (the cheese vector against a random
-   control; the value probe's direction, read from the first probe run);
+   control; the value probe's direction, read from the first probe run), every scan in one process
+   (``train.py runs``), each in its own ``steer_<name>`` run folder; each scan's own command is in the report;
 4. ``report``: ``report.md`` with the headline figures (probe quality over seeds with its spread,
    per-layer ceilings and floors, planning, steering scans), each beside the command that
    regenerates it, and the figures copied into ``report/figures``.
@@ -260,7 +261,7 @@ def run_loop(config_path: str | Path, overrides: dict[str, Any] | None = None) -
         raise InnerCriticError("loop config has a steer section but no probe section: steering reads the probe runs")
     agent = config.get("agent", {})
     steer = config.get("steer") or {}
-    stages = _Stages(root, total=(0 if agent.get("agent_ckpt") else 1) + (1 if seeds else 0) + len(steer))
+    stages = _Stages(root, total=(0 if agent.get("agent_ckpt") else 1) + (1 if seeds else 0) + (1 if steer else 0))
     start = time.perf_counter()
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -290,11 +291,10 @@ def run_loop(config_path: str | Path, overrides: dict[str, Any] | None = None) -
 
         steer_runs = {}
         first_summary = json.loads((probe_runs[0] / "summary.json").read_text()) if probe_runs else {}
+        cmds, inputs = [], [agent_ckpt]
         for name, spec in steer.items():
-            folder = root / f"steer_{name}"
             args = ["test", "-c", spec.get("config", "configs/steer/maze.yaml"), f"--model.agent_ckpt={agent_ckpt}",
-                    f"--trainer.default_root_dir={folder}", *[str(a) for a in spec.get("args", [])]]
-            inputs = [agent_ckpt]
+                    f"--trainer.default_root_dir={root / f'steer_{name}'}", *[str(a) for a in spec.get("args", [])]]
             if spec.get("probe"):  # steer along a probe of the first probe run (default: at its headline hook point)
                 hook = spec.get("hook") or first_summary["hook"]
                 path = probe_runs[0] / "probes" / f"{spec['probe']}@{hook}.pt"
@@ -302,7 +302,13 @@ def run_loop(config_path: str | Path, overrides: dict[str, Any] | None = None) -
                     raise InnerCriticError(f"loop steer.{name}: no probe {spec['probe']!r} at {hook!r} in {probe_runs[0] / 'probes'}")
                 args += ["--model.vector_source=probe", f"--model.vector_path={path}", f"--model.hook={hook}"]
                 inputs.append(path)
-            steer_runs[name] = stages.run(f"steer_{name}", _command(*args), folder, inputs=inputs)
+            cmds.append(_command(*args))
+            stages.commands[f"steer_{name}"] = _shown(cmds[-1])
+        if steer:
+            # One process for every scan, as for the probe seeds: a process each paid its imports, its W&B
+            # service and the agent's load again (about 5 s a scan). Each scan's command reruns it alone.
+            runs = stages.run_all("steer", cmds, root / "steer", [root / f"steer_{name}" for name in steer], inputs=inputs)
+            steer_runs = dict(zip(steer, runs))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

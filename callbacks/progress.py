@@ -12,6 +12,7 @@ steps of ``trainer.estimated_stepping_batches``; the epoch goes into the descrip
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -39,8 +40,13 @@ class RunProgressBar(TQDMProgressBar):
         self.train_progress_bar.initial = done  # a resumed run starts where it stopped; the rate counts this run
         self.train_progress_bar.n = done
 
+    # The bar is redrawn at most this often (tqdm's own default throttle, which its update() applies and an
+    # explicit refresh() does not): a full-batch probe step takes milliseconds, and three redraws of the bar
+    # (with its metrics read back) per step were a tenth of the fit.
+    min_interval_s = 0.1
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}")
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         bar = self.train_progress_bar
@@ -51,9 +57,15 @@ class RunProgressBar(TQDMProgressBar):
             bar.total = total
         if self._should_update(int(done), bar.total):
             bar.n = done
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
-            bar.refresh()
+            self._draw(trainer, pl_module, last=bar.total is not None and done >= bar.total)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.train_progress_bar.disable:
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        if not self.train_progress_bar.disable:  # the epoch's validation metrics, at the bar's next redraw at the latest
+            self._draw(trainer, pl_module, last=trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0)
+
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, last: bool) -> None:
+        bar, now = self.train_progress_bar, time.monotonic()
+        if last or now - getattr(self, "_drawn_at", -math.inf) >= self.min_interval_s:
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+            self._drawn_at = now

@@ -60,7 +60,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_the_maze_loop_runs_every_stage_and_writes_the_report(uninterrupted, tmp_path):
     root, done = uninterrupted
     config = tiny_maze_loop(root)
-    stages = ("agent", "probe", "steer_cheese", "steer_top_right", "steer_value_probe")
+    stages = ("agent", "probe", "steer")
     for k, stage in enumerate(stages, 1):
         assert f"[loop] stage {k}/{len(stages)} {stage}: done in" in done.stdout, stage
         assert (root / "logs" / f"{stage}.log").is_file()
@@ -71,6 +71,11 @@ def test_the_maze_loop_runs_every_stage_and_writes_the_report(uninterrupted, tmp
     probe_log = (root / "logs" / "probe.log").read_text()
     assert "[runs] 1/2: python train.py fit" in probe_log and "[runs] 2/2: python train.py fit" in probe_log
     assert json.loads((root / "probe" / "runs.json").read_text())[1][:3] == ["fit", "-c", "configs/probe/maze.yaml"]
+    # The three scans ran in the one process of the steer stage, each writing its own run folder.
+    steer_log = (root / "logs" / "steer.log").read_text()
+    assert all(f"[runs] {k}/3: python train.py test" in steer_log for k in (1, 2, 3))
+    for name in ("cheese", "top_right", "value_probe"):
+        assert (root / f"steer_{name}" / "version_0" / "summary.json").is_file(), name
     report = (root / "report" / "report.md").read_text()
     for section in ("## Agent", "## Value probes", "## Planning", "## Steering: cheese", "## Steering: top_right", "## Steering: value_probe",
                     "per-maze cheese vector (`cheese`): the published effect", "per-maze top-right vector (`top_right`)",
@@ -152,7 +157,7 @@ def test_a_loop_stopped_during_a_probe_stage_resumes_to_the_same_report(uninterr
     proc = subprocess.Popen([sys.executable, "train.py", "loop", "-c", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
-    _wait_for(proc, lines, "stage 2/5 probe: python train.py runs")
+    _wait_for(proc, lines, "stage 2/3 probe: python train.py runs")
     # Stopped while the stage is busy with its second seed: that run's folder exists once its loggers are up.
     for _ in range(1200):
         if list((root / "probe_seed1").glob("version_*/wandb_run_id")):
@@ -168,10 +173,10 @@ def test_a_loop_stopped_during_a_probe_stage_resumes_to_the_same_report(uninterr
 
     again = run_loop(yaml.safe_load(path.read_text()), path)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    assert "[loop] stage 1/5 agent: skipped, finished earlier" in again.stdout
-    assert "[loop] stage 2/5 probe: redoing the interrupted run" in again.stdout
-    for k, stage in ((2, "probe"), (3, "steer_cheese"), (4, "steer_top_right"), (5, "steer_value_probe")):
-        assert f"[loop] stage {k}/5 {stage}: done in" in again.stdout, stage
+    assert "[loop] stage 1/3 agent: skipped, finished earlier" in again.stdout
+    assert "[loop] stage 2/3 probe: redoing the interrupted run" in again.stdout
+    for k, stage in ((2, "probe"), (3, "steer")):
+        assert f"[loop] stage {k}/3 {stage}: done in" in again.stdout, stage
     assert _figures(root / "report" / "report.md", root) == _figures(reference.parent / "reference_report.md", reference)
 
 

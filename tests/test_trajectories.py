@@ -115,6 +115,11 @@ def test_batch_size_0_serves_each_split_whole_from_memory(dm, agent_ckpt):
         arrays = whole.split_arrays(split)
         assert np.array_equal(batch["x"]["encoder.hook_fc"].numpy(), arrays.x["encoder.hook_fc"]), "the split_arrays features"
         assert np.array_equal(batch["x_next"]["encoder.hook_fc"].numpy(), arrays.x_next["encoder.hook_fc"])
+        # s_{t+1} is copied from the batch's own rows where it is one of them: bit for bit what reading it gives
+        rows = whole.split_rows(split)
+        read = whole._datasets[split].standardised("encoder.hook_fc", rows + 1)
+        assert np.array_equal(batch["x_next"]["encoder.hook_fc"].numpy(), read)
+        assert np.isin(rows + 1, rows).mean() > 0.5, "most successors are in the split: the copy path is exercised"
         again = next(iter(loader()))
         assert again["x"]["encoder.hook_fc"] is batch["x"]["encoder.hook_fc"], "gathered once, then served from memory"
 

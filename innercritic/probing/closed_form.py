@@ -132,7 +132,11 @@ class Moments:
             raise InnerCriticError(f"need at least 2 samples, got {n}")
         self.n, self.d = n, d
         self.mean = a.mean(axis=0, dtype=np.float64)
-        xc = (a - self.mean).astype(a.dtype)
+        # Centred at the features' precision, in place on one copy: a float64 temporary of a wide layer's rows
+        # is twice their size, and each temporary is a pass over them. x and x_next take the same shift, so
+        # its rounding is absorbed by the intercept.
+        shift = self.mean.astype(a.dtype)
+        xc = np.subtract(a, shift, dtype=a.dtype)
         self.gram = (xc.T @ xc).astype(np.float64)
         ys = {name: _vector(y, n, name) for name, y in targets.items()}
         self.xty = {name: (xc.T @ y.astype(a.dtype)).astype(np.float64) for name, y in ys.items()}
@@ -145,7 +149,9 @@ class Moments:
             if gamma is None or terminal is None:
                 raise InnerCriticError("Moments with x_next needs terminal and gamma")
             m = gamma * (1.0 - _vector(terminal, n, "terminal"))
-            diff = xc - m.astype(a.dtype)[:, None] * (an - self.mean).astype(a.dtype)  # Xc - m Xc'
+            diff = np.subtract(an, shift, dtype=a.dtype)  # Xc - m Xc', in place
+            diff *= m.astype(a.dtype)[:, None]
+            np.subtract(xc, diff, out=diff)
             td = np.empty((d + 1, d + 1))
             td[:d, :d] = xc.T @ diff
             td[:d, d] = xc.T @ (1.0 - m).astype(a.dtype)

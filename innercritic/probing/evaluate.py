@@ -254,21 +254,21 @@ def fit_ceilings(train: Split, calib: Split, gamma: float, num_versions: int, ho
     out: dict[str, list[dict[str, LinearValue]]] = {}
     for hook in _hook_bar(list(train.x) if hooks is None else hooks, progress):
         x, x_next = train.x[hook], train.x_next[hook]
-        cal = [(calib_or_train[i].x[hook][ca.rows], ca) for i, (_, ca, _) in enumerate(per_version)]
+        cal = [(calib_or_train[i].x[hook][ca.at], ca) for i, (_, ca, _) in enumerate(per_version)]
         found: list[Moments | None] = []
         paths: dict[str, list[Callable[[float], LinearValue] | None]] = {"ridge": [], "ridge_critic": [], "lstd": []}
         for tr, _, _ in per_version:
             m = None
             if len(tr.rows) > x.shape[1]:
-                m = Moments(x[tr.rows], {"ret": tr.ret_, "value": tr.value_, "reward": tr.reward_}, x_next[tr.rows], tr.terminal_, gamma)
+                m = Moments(x[tr.at], {"ret": tr.ret_, "value": tr.value_, "reward": tr.reward_}, x_next[tr.at], tr.terminal_, gamma)
                 paths["ridge"].append(m.ridge_path("ret"))
                 paths["ridge_critic"].append(m.ridge_path("value"))
                 paths["lstd"].append(m.lstd_path("reward"))
             elif len(tr.rows) >= 2:  # wider than long: the dual forms
-                both = ridge_path(x[tr.rows], np.stack([tr.ret_, tr.value_], 1))
+                both = ridge_path(x[tr.at], np.stack([tr.ret_, tr.value_], 1))
                 paths["ridge"].append(lambda alpha, both=both: both(alpha)[0])
                 paths["ridge_critic"].append(lambda alpha, both=both: both(alpha)[1])
-                paths["lstd"].append(lstd_path(x[tr.rows], x_next[tr.rows], tr.reward_, tr.terminal_, gamma))
+                paths["lstd"].append(lstd_path(x[tr.at], x_next[tr.at], tr.reward_, tr.terminal_, gamma))
             else:
                 for column in paths.values():
                     column.append(None)
@@ -322,6 +322,10 @@ class _Rows:
 
     def __init__(self, data: Split, rows: np.ndarray) -> None:
         self.rows = rows
+        # What indexes a split's activations: a slice (a view, no copy) where the rows are one run, as a
+        # version's rows are in a cache's order; the rows themselves otherwise.
+        run = len(rows) > 0 and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
+        self.at: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if run else rows
         self.ret_ = data.ret[rows].astype(np.float64)
         self.value_ = data.value[rows].astype(np.float64)
         self.reward_ = data.reward[rows].astype(np.float64)
@@ -376,8 +380,8 @@ def evaluation_table(
         for i, (tr, ca, te) in enumerate(per_version):
             if len(tr.rows) < 2 or len(te.rows) < 2:
                 continue
-            x_tr = train.x[hook][tr.rows]
-            x_ca, x_te, xn_te = calib_or_train[i].x[hook][ca.rows], test.x[hook][te.rows], test.x_next[hook][te.rows]
+            x_tr = train.x[hook][tr.at]
+            x_ca, x_te, xn_te = calib_or_train[i].x[hook][ca.at], test.x[hook][te.at], test.x_next[hook][te.at]
             found = (moments or {}).get(hook)
             sources = _linear_sources(ceilings[hook][i], x_tr, np.random.default_rng(seed), None if found is None else found[i])
             for name, (lin, calibrate) in sources.items():
