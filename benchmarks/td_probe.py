@@ -9,7 +9,9 @@ as ``train.py fit`` subprocesses, one after the other:
 
 - ``minibatch``: 12 epochs of 512-transition minibatches (the previous default);
 - ``full_batch``: ``--data.batch_size 0`` and the probe config's own step count (the current default: 1500
-  steps since commit 34fbf96, 1000 before, 200 until commit 64d25a8).
+  steps since commit 34fbf96, 1000 before, 200 until commit 64d25a8), in the whitened coordinates of the train
+  split's Gram (``--model.precondition``, the default since issue 19);
+- ``full_batch_plain``: the same without the preconditioner (Adam on the raw weights).
 
 For each it prints the largest gap to the closed form over the hook points (R^2 against returns on
 the policy's test episodes) and the wall time of the whole run (cache opening, ceilings, fit,
@@ -47,7 +49,8 @@ from innercritic.probing.findings import closed_form_gaps  # noqa: E402  (the lo
 
 SETTINGS = {
     "minibatch": ["--data.batch_size=512", "--trainer.max_epochs=12", "--trainer.check_val_every_n_epoch=1"],
-    "full_batch": ["--data.batch_size=0"],  # the config's steps and validation interval
+    "full_batch": ["--data.batch_size=0"],  # the config's steps and validation interval (preconditioned: the default)
+    "full_batch_plain": ["--data.batch_size=0", "--model.precondition=false"],  # Adam on the raw weights, as before
 }
 
 
@@ -91,7 +94,7 @@ def main() -> None:
             for key, value in found.items():
                 figures[f"{name}/seed{seed}/{key}"] = value
             figures[f"{name}/seed{seed}/wall_s"] = wall
-    if len(walls) == 2:
+    if {"full_batch", "minibatch"} <= set(walls):
         figures["time_ratio"] = walls["full_batch"] / walls["minibatch"]
     report(figures)
 

@@ -45,6 +45,9 @@ PENALTIES = ("match", "none")
 SOLVERS = ("closed_form", "sgd")
 # Planning plays levels no collection seed reaches (collections draw seeds below 2**30).
 PLANNING_SEED_OFFSET = 1_500_000_001
+# Variance floor of the SGD preconditioner, against the standardised features' unit variance: directions that
+# carry less (and are not held down by the head's penalty) are amplified at most 1 / sqrt of it (30x).
+PRECONDITION_FLOOR = 1e-3
 
 
 def _key(config: str, hook: str) -> str:
@@ -84,6 +87,14 @@ class ValueProbe(L.LightningModule):
             freezes its heads, so the training steps fit only the other configurations (label-free ones);
             ``sgd`` fits every configuration with Adam (to check SGD against the closed form:
             ``benchmarks/td_probe.py``).
+        precondition: with ``solver sgd``, fit the supervised heads in whitened coordinates: version i's weights are
+            w_i = P_i u_i with P_i = (Sigma_i + (lambda_i + eps) I)^(-1/2), Sigma_i the covariance of its train rows
+            (the ceilings' Gram), lambda_i the head's matched penalty per unit of data weight and eps =
+            ``PRECONDITION_FLOOR``, and Adam moves u. The loss and its optimum are unchanged; what changes is the
+            conditioning: the regularised regression's Hessian in u is the identity, and semi-gradient TD
+            contracts at a rate set by 1 - gamma, not by the layer's smallest variance, which is where the plain
+            fit stalled on conv layers (BENCHMARKS.md, "Probe fits against their closed forms"). Label-free
+            heads are never preconditioned (their scale constraint is on w itself).
         sgd_hooks: the hook points at which the configurations left to SGD get heads (closed-form ones get
             them everywhere); None: every served hook point. A full-batch step reads every activation of the
             hook points it fits, so on a large cache this is what an SGD configuration's cost scales with.
@@ -105,6 +116,7 @@ class ValueProbe(L.LightningModule):
         eval_seed: int = 0,
         penalty: str = "match",
         solver: str = "closed_form",
+        precondition: bool = True,
         sgd_hooks: list[str] | None = None,
         planning_episodes: int = 0,
         init_from: str | None = None,
@@ -187,12 +199,15 @@ class ValueProbe(L.LightningModule):
         if hasattr(dm, "split_arrays") and any(c.supervised for c in self.loss_configs.values()):
             train, calib = dm.split_arrays("train"), dm.split_arrays("calib")
             self._start_biases(train, V)
-            if self.hparams.penalty == "match" or self.closed_form:
+            preconditioned = any(self._whitened(name) for name in self.loss_configs)
+            if self.hparams.penalty == "match" or self.closed_form or preconditioned:
                 self.ceilings = fit_ceilings(train, calib, self.gamma, V, progress=self._bar("closed forms"), moments=self._moments)
             if self.hparams.penalty == "match":
                 self._match_penalties(train, V)
             if self.closed_form:
                 self._solve_closed_form(train, V)
+            if self.hparams.precondition:
+                self._register_preconditioners()
         elif self.closed_form:
             raise InnerCriticError(f"model.solver closed_form needs a trajectory datamodule with split_arrays to solve {self.closed_form}")
         lo, hi = self.hparams.reward_range
@@ -275,6 +290,39 @@ class ValueProbe(L.LightningModule):
                         head.bias[i] = float(fit.b)
                 head.requires_grad_(False)
 
+    def _whitened(self, name: str) -> bool:
+        """True when configuration ``name``'s heads are fitted in whitened coordinates (see ``precondition``)."""
+        return name not in self.closed_form and self.loss_configs[name].supervised and bool(self.hparams.precondition)
+
+    def _register_preconditioners(self) -> None:
+        """P_i = (Sigma_i + (lambda_i + eps) I)^(-1/2) per preconditioned head: Sigma_i the covariance of version i's
+        train rows (the ceilings' Gram, whose eigendecomposition the ridge path already holds) and lambda_i the
+        head's matched L2 strength per unit of data weight, so that in u the regularised regression's Hessian is
+        the identity and TD's is within (1 - gamma, 1 + gamma) of it. None where a version was wider than long."""
+        for name in self.loss_configs:
+            if not self._whitened(name):
+                continue
+            cfg = self.loss_configs[name]
+            for hook in self.hooks_of(name):
+                found = self._moments.get(hook) or []
+                if not found or any(m is None for m in found):
+                    continue
+                alphas = self._alphas(hook)
+                mats = []
+                for i, m in enumerate(found):
+                    pen = cfg.mc * alphas["ridge"][i] + cfg.td * alphas["lstd"][i] + cfg.critic * alphas["ridge_critic"][i]
+                    shift = pen / ((cfg.mc + cfg.td + cfg.critic) * m.n) + PRECONDITION_FLOOR
+                    evals, evecs = m.eigh()
+                    mats.append((evecs * (1.0 / np.sqrt(np.maximum(evals / m.n, 0.0) + shift))) @ evecs.T)
+                self.register_buffer(f"whiten@{_key(name, hook)}", torch.from_numpy(np.stack(mats)).float())
+
+    def _weight(self, name: str, hook: str) -> Tensor:
+        """The weights w (V, D) of ``name``'s heads at ``hook`` on standardised activations: the parameter itself,
+        or w_i = P_i u_i for a preconditioned head (its parameter u lives in whitened coordinates)."""
+        key = _key(name, hook)
+        whiten = getattr(self, f"whiten@{key}", None)
+        return self.heads[key].weight if whiten is None else torch.einsum("vde,ve->vd", whiten, self.heads[key].weight)
+
     def _init_from(self, path: str) -> None:
         """Start every head that the checkpoint also has (same configuration, hook point and versions) from
         the function it computes, re-expressed on this run's standardisation.
@@ -302,9 +350,19 @@ class ValueProbe(L.LightningModule):
             tag = key.split("@", 1)[1]
             mean0, std0 = state[f"mean@{tag}"].double(), state[f"std@{tag}"].double()
             mean, std = getattr(self, f"mean@{tag}").double(), getattr(self, f"std@{tag}").double()
+            weight = weight.double()
+            if f"whiten@{key}" in state:  # a preconditioned head stores u; the function it computes is w_i = P_i u_i
+                weight = torch.einsum("vde,ve->vd", state[f"whiten@{key}"].double(), weight)
+            new = weight * (std / std0)
+            here, saved = getattr(self, f"whiten@{key}", None), state.get(f"whiten@{key}")
             with torch.no_grad():
-                head.weight.copy_(weight.double() * (std / std0))
-                head.bias.copy_(bias.double() + weight.double() @ ((mean - mean0) / std0))
+                if here is None:
+                    head.weight.copy_(new)
+                elif saved is not None and torch.equal(here, saved) and torch.equal(std, std0):
+                    head.weight.copy_(state[f"heads.{key}.weight"])  # the same data: the same u, bit for bit
+                else:
+                    head.weight.copy_(torch.linalg.solve(here.double(), new))  # u_i = P_i^-1 w_i
+                head.bias.copy_(bias.double() + weight @ ((mean - mean0) / std0))
             matched.append(f"heads.{key}")
         if not matched:
             raise InnerCriticError(f"init_from {path!r} holds heads for {meta.get('heads')}, none of which match this run's "
@@ -313,7 +371,8 @@ class ValueProbe(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["innercritic_probe"] = {"kind": PROBE_KIND, "heads": sorted(self.heads.keys()), "hooks": self.hooks,
-                                           "configs": {k: c.as_dict() for k, c in self.loss_configs.items()}, "gamma": self.gamma}
+                                           "configs": {k: c.as_dict() for k, c in self.loss_configs.items()}, "gamma": self.gamma,
+                                           "whitened": sorted(key for key in self.heads if hasattr(self, f"whiten@{key}"))}
 
     def hooks_of(self, config: str) -> list[str]:
         """The hook points at which ``config`` has heads."""
@@ -346,18 +405,19 @@ class ValueProbe(L.LightningModule):
         One matrix product for all of them: on a full batch the pass over the activations is the cost.
         """
         heads = [self.heads[_key(name, hook)] for name in configs]
-        v = F.linear(xs, torch.cat([h.weight for h in heads]), torch.cat([h.bias for h in heads]))
+        weights = [self._weight(name, hook) for name in configs]
+        v = F.linear(xs, torch.cat(weights), torch.cat([h.bias for h in heads]))
         out = dict(zip(configs, v.split([h.out_features for h in heads], dim=1)))
-        for name, head in zip(configs, heads):
+        for name, weight in zip(configs, weights):
             if self.loss_configs[name].unit_norm:
-                out[name] = out[name] / head.weight[0].norm().clamp_min(1e-8)
+                out[name] = out[name] / weight[0].norm().clamp_min(1e-8)
         return out
 
     def linear_map(self, config: str, hook: str) -> tuple[Tensor, Tensor]:
         """(w (V, D), b (V,)) of the heads on standardised activations, scale constraint applied."""
-        head = self.heads[_key(config, hook)]
-        scale = head.weight[0].norm().clamp_min(1e-8) if self.loss_configs[config].unit_norm else 1.0
-        return (head.weight / scale).detach(), (head.bias / scale).detach()
+        head, weight = self.heads[_key(config, hook)], self._weight(config, hook)
+        scale = weight[0].norm().clamp_min(1e-8) if self.loss_configs[config].unit_norm else 1.0
+        return (weight / scale).detach(), (head.bias / scale).detach()
 
     def _next_values(self, configs: list[str], hook: str, v: Mapping[str, Tensor], x_next: Tensor, at: Tensor,
                      found: Tensor) -> dict[str, Tensor]:
@@ -402,7 +462,7 @@ class ValueProbe(L.LightningModule):
                 loss = sum(terms.values())
                 l2 = getattr(self, f"l2@{key}", None)
                 if l2 is not None:
-                    loss = loss + (l2 * self.heads[key].weight.pow(2).sum(1)).sum()
+                    loss = loss + (l2 * self._weight(name, hook).pow(2).sum(1)).sum()
                 total = total + loss
                 if hook == self.primary_hook:
                     logs[f"{stage}/{name}/loss"] = loss.detach()

@@ -36,7 +36,8 @@ class LinearValueData(L.LightningDataModule):
     """Episodes of AR(1) Gaussian features whose value under version i is ``w_i . x + b_i`` (+ ``nonlinear * relu(x_0 - m_0) x_1``)."""
 
     def __init__(self, dim: int = 5, versions: int = 2, episodes: int = 150, gamma: float = 0.9, noise: float = 0.0,
-                 nonlinear: float = 0.0, seed: int = 0, batch_size: int = 256, static: int = 0, dominant: float = 0.0) -> None:
+                 nonlinear: float = 0.0, seed: int = 0, batch_size: int = 256, static: int = 0, dominant: float = 0.0,
+                 collinear: float = 0.0) -> None:
         super().__init__()
         rng = np.random.default_rng(seed)
         self.gamma, self.batch_size = gamma, batch_size
@@ -52,6 +53,10 @@ class LinearValueData(L.LightningDataModule):
             # divides each by its own spread, leaves the direction where it is.
             self.w_true[:] = rng.choice([-1.0, 1.0], size=dim)
             u = self.w_true[0] / np.linalg.norm(self.w_true[0])
+        if collinear:
+            # Feature 1 nearly repeats feature 0 (z_1 <- z_0 + collinear z_1) and the value lives in their difference:
+            # a direction with about collinear^2 of their variance, along which a plain gradient step barely moves.
+            self.w_true[:, 0], self.w_true[:, 1] = -1.0 / collinear, 1.0 / collinear
         offset = rng.normal(3.0, 1.0, size=dim)  # features far from standardised, so the statistics matter
         cols: dict[str, list] = {k: [] for k in ("x", "reward", "terminal", "ret", "value", "version", "episode", "step", "last", "exact")}
         for v in range(versions):
@@ -65,6 +70,8 @@ class LinearValueData(L.LightningDataModule):
                     z[:, :static] = rng.normal(size=static)
                 if dominant:
                     z = z + dominant * (z @ u)[:, None] * u
+                if collinear:
+                    z[:, 1] = z[:, 0] + collinear * z[:, 1]
                 x = z + offset
                 # A nonlinear part no linear probe can fit: MC regression and the TD fixed point then differ.
                 value = x @ self.w_true[v] + self.b_true[v] + nonlinear * np.maximum(x[:, 0] - offset[0], 0.0) * x[:, 1]
@@ -237,6 +244,22 @@ def test_full_batch_steps_land_td_on_lstd_along_features_fixed_within_an_episode
     assert np.allclose(w_td, lstd.w, atol=0.005) and abs(b_td - lstd.b) < 0.005, (w_td, lstd.w, b_td, lstd.b)
 
 
+def test_preconditioned_sgd_lands_td_on_lstd_where_the_value_lives_in_a_low_variance_direction():
+    """What ``precondition`` is for (the conv layers' case, issue 19): when the value is carried by a direction
+    with a small share of the standardised features' variance, Adam's steps on the raw weights cover it far too
+    slowly; in the whitened coordinates of the train split's Gram the same loss is well conditioned."""
+    gaps, weights = {}, {}
+    for precondition in (False, True):
+        dm = LinearValueData(dim=4, versions=1, episodes=200, gamma=0.95, noise=0.5, collinear=0.05, seed=5, batch_size=10**6)
+        model = ValueProbe(configs={"td": {"td": 1.0}}, lr=0.05, solver="sgd", precondition=precondition)
+        fit(model, dm, epochs=300)
+        gaps[precondition] = abs(row(model, "probe:td")["r2_return"] - row(model, "lstd")["r2_return"])
+        lstd = model.ceilings[HOOK][0]["lstd"]
+        weights[precondition] = np.abs(model.linear_map("td", HOOK)[0].numpy()[0] - lstd.w).max() / np.abs(lstd.w).max()
+    assert gaps[False] > 0.1, f"the case must be hard for the plain fit to mean anything ({gaps})"
+    assert gaps[True] < 0.01 and weights[True] < 0.02, (gaps, weights)
+
+
 @pytest.mark.parametrize("whole", [True, False], ids=["full-batch", "shuffled-minibatch"])
 def test_values_at_the_next_state_read_from_the_batch_equal_those_computed_from_x_next(whole):
     """The loss reads V(s_{t+1}) from the values at s_t where the successor row is in the batch (a full batch
@@ -338,21 +361,26 @@ def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_
 
     class Capture(L.Callback):
         def on_train_start(self, trainer, module):
-            seen["w"] = module.heads[next(iter(module.heads))].weight.detach().clone()
+            seen["w"] = module.linear_map("mc", HOOK)[0].clone()
 
+    # Another loss mix: another matched penalty, so another preconditioner; the function the heads compute is kept.
     tuned = ValueProbe(configs={"mc": {"mc": 1.0, "td": 2.0}}, lr=0.05, init_from=str(ckpt), solver="sgd")
     fit(tuned, dm, epochs=1, callbacks=[Capture()])
     start = torch.load(ckpt, weights_only=True)["state_dict"]
     key = next(k for k in start if k.startswith("heads.") and k.endswith(".weight"))
-    assert torch.equal(seen["w"], start[key]), "the fine-tuned run starts from the checkpoint's weights"
-    assert not torch.equal(tuned.heads[next(iter(tuned.heads))].weight.detach(), start[key]), "and then trains"
+    head_key = key.removeprefix("heads.").removesuffix(".weight")
+    assert head_key in torch.load(ckpt, weights_only=True)["innercritic_probe"]["whitened"]
+    # a preconditioned head stores u, with w_i = P_i u_i
+    w_saved = torch.einsum("vde,ve->vd", start[f"whiten@{head_key}"].double(), start[key].double())
+    assert torch.allclose(seen["w"].double(), w_saved, atol=1e-6), "the fine-tuned run starts from the checkpoint's weights"
+    assert not torch.allclose(tuned.linear_map("mc", HOOK)[0].double(), w_saved, atol=1e-4), "and then trains"
     assert tuned.loss_configs["mc"].td == 2.0
 
     # On other data (other standardisation statistics) it starts from the same function of the raw activations.
     class CaptureHead(L.Callback):
         def on_train_start(self, trainer, module):
-            head = module.heads[next(iter(module.heads))]
-            seen["head"] = (head.weight.detach().double().clone(), head.bias.detach().double().clone())
+            w, b = module.linear_map("mc", HOOK)  # the function's weights (an SGD head's parameter is whitened)
+            seen["head"] = (w.double().clone(), b.double().clone())
 
     other = LinearValueData(episodes=60, seed=1)
     moved = ValueProbe(configs={"mc": {"mc": 1.0}}, lr=0.05, init_from=str(ckpt), solver="sgd")
@@ -360,7 +388,7 @@ def test_fine_tuning_starts_from_the_checkpoint_and_resuming_continues_the_step_
     bias_key = key.replace(".weight", ".bias")
     raw = lambda w, b, mean, std: (w / std, b - (w / std) @ mean)  # noqa: E731  (w, b) on raw activations
     tag = HOOK.replace(".", ":")
-    w0, b0 = raw(start[key].double(), start[bias_key].double(), start[f"mean@{tag}"].double(), start[f"std@{tag}"].double())
+    w0, b0 = raw(w_saved, start[bias_key].double(), start[f"mean@{tag}"].double(), start[f"std@{tag}"].double())
     w1, b1 = raw(*seen["head"], other.stats[HOOK]["mean"].double(), other.stats[HOOK]["std"].double())
     assert not torch.allclose(other.stats[HOOK]["mean"], dm.stats[HOOK]["mean"]), "the two datasets standardise differently"
     assert torch.allclose(w1, w0, atol=1e-6) and torch.allclose(b1, b0, atol=1e-5), "the same function, re-expressed"
