@@ -354,14 +354,9 @@ class ValueProbe(L.LightningModule):
             if f"whiten@{key}" in state:  # a preconditioned head stores u; the function it computes is w_i = P_i u_i
                 weight = torch.einsum("vde,ve->vd", state[f"whiten@{key}"].double(), weight)
             new = weight * (std / std0)
-            here, saved = getattr(self, f"whiten@{key}", None), state.get(f"whiten@{key}")
+            here = getattr(self, f"whiten@{key}", None)
             with torch.no_grad():
-                if here is None:
-                    head.weight.copy_(new)
-                elif saved is not None and torch.equal(here, saved) and torch.equal(std, std0):
-                    head.weight.copy_(state[f"heads.{key}.weight"])  # the same data: the same u, bit for bit
-                else:
-                    head.weight.copy_(torch.linalg.solve(here.double(), new))  # u_i = P_i^-1 w_i
+                head.weight.copy_(new if here is None else torch.linalg.solve(here.double(), new))  # u_i = P_i^-1 w_i
                 head.bias.copy_(bias.double() + weight @ ((mean - mean0) / std0))
             matched.append(f"heads.{key}")
         if not matched:
