@@ -39,6 +39,7 @@ class RunProgressBar(TQDMProgressBar):
         self.train_progress_bar.unit = f" {unit}"
         self.train_progress_bar.initial = done  # a resumed run starts where it stopped; the rate counts this run
         self.train_progress_bar.n = done
+        self._drawn_at = -math.inf  # when the bar was last redrawn (monotonic seconds)
 
     # The bar is redrawn at most this often (tqdm's own default throttle, which its update() applies and an
     # explicit refresh() does not): a full-batch probe step takes milliseconds, and three redraws of the bar
@@ -65,7 +66,7 @@ class RunProgressBar(TQDMProgressBar):
 
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, last: bool) -> None:
         bar, now = self.train_progress_bar, time.monotonic()
-        if last or now - getattr(self, "_drawn_at", -math.inf) >= self.min_interval_s:
+        if last or now - self._drawn_at >= self.min_interval_s:
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
             self._drawn_at = now

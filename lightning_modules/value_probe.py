@@ -206,8 +206,7 @@ class ValueProbe(L.LightningModule):
                 self._match_penalties(train, V)
             if self.closed_form:
                 self._solve_closed_form(train, V)
-            if self.hparams.precondition:
-                self._register_preconditioners()
+            self._register_preconditioners()
         elif self.closed_form:
             raise InnerCriticError(f"model.solver closed_form needs a trajectory datamodule with split_arrays to solve {self.closed_form}")
         lo, hi = self.hparams.reward_range
